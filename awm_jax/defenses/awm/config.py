@@ -1,0 +1,161 @@
+"""AWM settings: static structure in :class:`AWMConfig`, swept numbers in :class:`AWMHparams`.
+
+Defaults reproduce the official code (``jinghuichen/AWM`` ``main.py``, awm-paper.md 1.4); each
+field's docstring says where the paper (Algorithm 1) differs and how to get the paper's variant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax.numpy as jnp
+
+from awm_jax.types import Array
+
+INNER_LABELS = ("predicted", "true")
+TRIGGER_CONSTRAINTS = ("rescale_epoch", "project_step")
+MASK_OPTIMIZERS = ("adam", "sgd")
+LOOPS = ("python", "scan")
+MASK_SELECTIONS = ("last", "min_robust_loss")
+
+
+class AWMHparams(NamedTuple):
+    """The numbers a sweep may vary; every field is a float32 array (scalar for one run).
+
+    Attributes:
+      alpha: weight of the clean CE in the outer loss.
+      beta: weight of the triggered CE (ignored when the config ties it to ``1 - alpha``).
+      gamma: weight of the mask's L1 norm.
+      tau: L1 bound of the trigger.
+      trigger_lr: step size of the trigger ascent (official: 10).
+      mask_lr: learning rate of the mask optimizer.
+      lr_decay: per-epoch multiplicative decay of ``mask_lr`` (1 = none; official flag: 0.9).
+    """
+
+    alpha: Array
+    beta: Array
+    gamma: Array
+    tau: Array
+    trigger_lr: Array
+    mask_lr: Array
+    lr_decay: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class AWMConfig:
+    """Every knob of AWM. Defaults = the official code's defaults (CIFAR-10, 500 images).
+
+    Attributes:
+      alpha: clean-loss weight (code default 0.9; the one-shot CIFAR-10 README example uses 0.99).
+      beta: triggered-loss weight. ``None`` ties it to ``1 - alpha`` as the code does; the paper
+        has an independent beta.
+      gamma: L1 weight on the mask, applied to the raw sum over all masked weights (code: 1e-8).
+      tau: L1 bound of the trigger over all pixels and channels (code: 1000 for 500 images, 100 in
+        the one-shot examples).
+      trigger_lr: step size of the trigger's plain gradient ascent (hard-coded 10 in the code).
+      mask_lr: mask learning rate (code: Adam, 1e-2).
+      lr_decay: per-epoch decay factor of ``mask_lr``; 1.0 = off (code default; the code's
+        ``--lr-decay`` flag and its first release use 0.9).
+      outer_epochs: number of epochs E (code: 20).
+      inner_passes: each phase draws ``max(1, N // batch_size) * inner_passes`` batches per epoch
+        (code: 5). The code yields zero batches when N < batch_size; we shrink the batch to N.
+      batch_size: images per batch, drawn with replacement as the code's sampler does (code: 128).
+      inner_labels: ``"predicted"``: the masked model's own predictions on the clean images (code,
+        I-BAU's trick); ``"true"``: the clean labels (paper).
+      trigger_constraint: ``"rescale_epoch"``: rescale onto the L1 sphere once per epoch after the
+        inner phase (code); ``"project_step"``: exact L1-ball projection after every step.
+      clip_inner: clip ``x + delta`` to [0, 1] in the inner phase (code: no; outer only).
+      clip_outer: clip ``x + delta`` to [0, 1] in the outer phase (code: yes).
+      mask_optimizer: ``"adam"`` (code) or ``"sgd"`` (plain gradient descent, paper).
+      mask_scope: ``"conv"`` (every conv kernel, code) or ``"conv_dense"``.
+      shrink_epochs: epochs of the code's optional pre-phase on ``CE(clean) + gamma |m|_1``.
+      shrink_lr: Adam learning rate of that pre-phase (code: 1e-3).
+      mask_selection: ``"last"`` returns the final mask (code). ``"min_robust_loss"`` returns,
+        among the masks after epochs 1..E, the one with the lowest ``CE(x) + CE(x + delta)`` on
+        the defender's own images, ``delta`` being the trigger the next inner phase recovers
+        against it (one extra inner phase scores the final mask): needs no test data.
+      loop: ``"python"`` drives jitted steps from Python (fast on CPU); ``"scan"`` compiles each
+        phase as one ``lax.scan``.
+    """
+
+    alpha: float = 0.9
+    beta: float | None = None
+    gamma: float = 1e-8
+    tau: float = 1000.0
+    trigger_lr: float = 10.0
+    mask_lr: float = 1e-2
+    lr_decay: float = 1.0
+    outer_epochs: int = 20
+    inner_passes: int = 5
+    batch_size: int = 128
+    inner_labels: str = "predicted"
+    trigger_constraint: str = "rescale_epoch"
+    clip_inner: bool = False
+    clip_outer: bool = True
+    mask_optimizer: str = "adam"
+    mask_scope: str = "conv"
+    shrink_epochs: int = 0
+    shrink_lr: float = 1e-3
+    mask_selection: str = "last"
+    loop: str = "python"
+
+    def __post_init__(self):
+        _check_range("alpha", self.alpha, 0.0, 1.0)
+        if self.beta is not None:
+            _check_range("beta", self.beta, 0.0, float("inf"))
+        _check_range("gamma", self.gamma, 0.0, float("inf"))
+        _check_positive("tau", self.tau)
+        _check_positive("trigger_lr", self.trigger_lr)
+        _check_positive("mask_lr", self.mask_lr)
+        _check_positive("shrink_lr", self.shrink_lr)
+        if not 0.0 < self.lr_decay <= 1.0:
+            raise ValueError(f"lr_decay must be in (0, 1]; got {self.lr_decay}.")
+        for name in ("outer_epochs", "inner_passes", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}.")
+        if self.shrink_epochs < 0:
+            raise ValueError(f"shrink_epochs must be >= 0; got {self.shrink_epochs}.")
+        for name, allowed in (("inner_labels", INNER_LABELS),
+                              ("trigger_constraint", TRIGGER_CONSTRAINTS),
+                              ("mask_optimizer", MASK_OPTIMIZERS), ("loop", LOOPS),
+                              ("mask_selection", MASK_SELECTIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}; got {getattr(self, name)!r}.")
+
+    @property
+    def tie_beta(self) -> bool:
+        return self.beta is None
+
+    def hparams(self) -> AWMHparams:
+        """The swept numbers as float32 scalars."""
+        beta = 1.0 - self.alpha if self.beta is None else self.beta
+        return AWMHparams(*(jnp.asarray(v, jnp.float32) for v in (
+            self.alpha, beta, self.gamma, self.tau, self.trigger_lr, self.mask_lr,
+            self.lr_decay)))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "AWMConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown AWM config keys {unknown}; known: {sorted(known)}.")
+        return cls(**values)
+
+
+def official_one_shot(**overrides) -> AWMConfig:
+    """The official README's one-shot settings (batch 32, tau 100, alpha 0.9)."""
+    return dataclasses.replace(AWMConfig(batch_size=32, tau=100.0), **overrides)
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}]; got {value}.")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0; got {value}.")
