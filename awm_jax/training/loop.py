@@ -1,0 +1,211 @@
+"""The host loop that trains a backdoored model: poison, train with SGD, evaluate, save.
+
+Data flows one way: ``dataset.train`` is poisoned with ``attack``, the model trains on it for
+``config.epochs`` epochs, and the result is evaluated on the clean and triggered test split
+(:func:`awm_jax.eval.metrics.evaluate_backdoor`). All randomness comes from ``config.seed``,
+split once into named keys.
+
+Example::
+
+    dataset = load_digits(16)
+    attack = create_attack("badnets", target=0, patch_size=3)
+    config = TrainConfig(model="small_cnn", model_kwargs={"features": (16, 32)}, epochs=10)
+    result = train_backdoored_model(dataset, attack, config, workdir="runs/digits-badnets")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from awm_jax.attacks.base import Attack, poison_training_set, validate_target
+from awm_jax.checkpoint import METADATA_FILE, VARIABLES_DIR, save_model
+from awm_jax.data.dataset import ImageDataset, Split
+from awm_jax.eval.metrics import evaluate_backdoor, make_predict_fn, make_triggered_eval_set
+from awm_jax.models import create_model
+from awm_jax.training.config import TrainConfig
+from awm_jax.training.optimizer import create_optimizer
+from awm_jax.training.state import TrainState, create_train_state
+from awm_jax.training.steps import make_train_step
+from awm_jax.types import PRNGKey, Variables
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train_backdoored_model` produced.
+
+    Attributes:
+      model: the flax module.
+      variables: ``{"params", "batch_stats"}`` after the last epoch.
+      metrics: ``{"acc", "asr", "asr_all", "ra"}`` on the test split (see
+        :mod:`awm_jax.eval.metrics`).
+      history: one dict per epoch: ``epoch``, ``loss`` and ``train_acc`` (means over the epoch's
+        poisoned, augmented batches), ``lr`` (at the epoch's last step), ``seconds`` since the
+        start, and the test metrics on epochs where they were evaluated.
+      seconds: wall time of the whole run: poisoning, compilation, training and evaluation.
+      config: the training configuration.
+      poisoned_indices: ``int64[P]`` indices of the poisoned training images.
+    """
+
+    model: nn.Module
+    variables: Variables
+    metrics: dict[str, float]
+    history: list[dict[str, float]]
+    seconds: float
+    config: TrainConfig
+    poisoned_indices: np.ndarray
+
+
+def _check_inputs(dataset: ImageDataset, attack: Attack, config: TrainConfig,
+                  workdir: str | None) -> None:
+    if attack.target is not None:
+        validate_target(attack.target, dataset.num_classes)
+    if config.batch_size > len(dataset.train):
+        raise ValueError(f"batch_size={config.batch_size} exceeds the {len(dataset.train)} "
+                         f"training images of {dataset.name!r}; use batch_size <= "
+                         f"{len(dataset.train)}.")
+    if workdir is not None and any(os.path.exists(os.path.join(workdir, name))
+                                   for name in (METADATA_FILE, VARIABLES_DIR)):
+        # Fail before training, not after it.
+        raise ValueError(f"workdir {workdir} already holds a model; choose another directory.")
+
+
+def _epoch_order(data_key: PRNGKey, epoch: int, count: int, steps: int,
+                 batch_size: int) -> np.ndarray:
+    """``steps * batch_size`` indices: a fresh permutation, wrapped around to fill the last batch.
+
+    Every image is seen each epoch and every batch has the same shape (one compilation); the few
+    wrapped images are seen twice in that epoch.
+    """
+    permutation = np.asarray(jax.random.permutation(jax.random.fold_in(data_key, epoch), count))
+    return permutation[np.arange(steps * batch_size) % count]
+
+
+def _run_epoch(train_step, state: TrainState, split: Split, order: np.ndarray, batch_size: int,
+               train_key: PRNGKey, bar) -> tuple[TrainState, dict[str, float]]:
+    """One pass over ``order``; returns the epoch's mean metrics with a single host sync."""
+    step_metrics = []
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        batch = {"image": split.images[index], "label": split.labels[index]}
+        state, metrics = train_step(state, batch, train_key)
+        step_metrics.append(metrics)
+        bar.update()
+    step_metrics = jax.device_get(step_metrics)
+    return state, {"loss": float(np.mean([m["loss"] for m in step_metrics])),
+                   "train_acc": float(np.mean([m["accuracy"] for m in step_metrics]))}
+
+
+def train_backdoored_model(dataset: ImageDataset, attack: Attack, config: TrainConfig, *,
+                           workdir: str | os.PathLike | None = None, progress: bool = True,
+                           eval_every: int = 0) -> TrainResult:
+    """Poisons ``dataset.train`` with ``attack`` and trains ``config.model`` on it.
+
+    Keys: ``jax.random.key(config.seed)`` is split into ``poison`` (which images, trigger
+    randomness), ``init`` (parameters), ``data`` (per-epoch order, folded with the epoch),
+    ``train`` (augmentation and dropout, folded with the step inside the step function) and
+    ``trigger`` (the triggered test set).
+
+    Args:
+      dataset: the clean dataset; its train split is poisoned, its test split evaluates.
+      attack: the backdoor attack (see :func:`awm_jax.attacks.create_attack`).
+      config: model, optimiser, schedule, augmentation, poison rate and seed.
+      workdir: if given, the final model is saved there with :func:`save_result`.
+      progress: show a tqdm progress bar over the training steps.
+      eval_every: also evaluate on the test split every this many epochs (0: only at the end,
+        which always happens).
+
+    Returns:
+      A :class:`TrainResult`.
+
+    Raises:
+      ValueError: the attack's target is not a class of ``dataset``, ``batch_size`` exceeds the
+        training set, ``eval_every`` < 0, or ``workdir`` already holds a model.
+      FloatingPointError: the mean training loss of an epoch is NaN or Inf.
+    """
+    if eval_every < 0:
+        raise ValueError(f"eval_every must be >= 0 (0: evaluate only at the end); got "
+                         f"{eval_every}.")
+    workdir = None if workdir is None else os.fspath(workdir)
+    _check_inputs(dataset, attack, config, workdir)
+    start = time.perf_counter()
+    poison_key, init_key, data_key, train_key, trigger_key = jax.random.split(
+        jax.random.key(config.seed), 5)
+    poisoned = poison_training_set(dataset.train, attack, poison_key, config.poison_rate)
+    triggered = make_triggered_eval_set(dataset.test, attack, trigger_key)
+
+    model = create_model(config.model, dataset.num_classes, **config.model_kwargs)
+    count = len(poisoned.split)
+    steps = math.ceil(count / config.batch_size)
+    tx, schedule = create_optimizer(config, steps)
+    state = create_train_state(model, tx, init_key, dataset.image_shape)
+    # The one place the training step is jitted; the state's buffers are reused in place.
+    train_step = jax.jit(make_train_step(model, tx, crop_padding=config.crop_padding,
+                                         flip=config.flip), donate_argnums=0)
+    predict = make_predict_fn(model)
+
+    def evaluate(variables):
+        return evaluate_backdoor(functools.partial(predict, variables), dataset.test, triggered,
+                                 config.eval_batch_size)
+
+    history, metrics = [], {}
+    with tqdm(total=config.epochs * steps, desc=f"train {config.model}", unit="step",
+              disable=not progress) as bar:
+        for epoch in range(config.epochs):
+            order = _epoch_order(data_key, epoch, count, steps, config.batch_size)
+            state, summary = _run_epoch(train_step, state, poisoned.split, order,
+                                        config.batch_size, train_key, bar)
+            if not math.isfinite(summary["loss"]):
+                raise FloatingPointError(
+                    f"training diverged in epoch {epoch + 1}/{config.epochs}: mean loss "
+                    f"{summary['loss']}; lower learning_rate (now {config.learning_rate}).")
+            last = epoch + 1 == config.epochs
+            if last or (eval_every and (epoch + 1) % eval_every == 0):
+                metrics = evaluate(state.variables)
+                summary.update(metrics)
+            summary.update(epoch=epoch + 1, lr=float(schedule((epoch + 1) * steps - 1)),
+                           seconds=time.perf_counter() - start)
+            history.append(summary)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{summary['loss']:.3f}",
+                            acc=f"{summary['train_acc']:.3f}")
+
+    result = TrainResult(model=model, variables=state.variables, metrics=metrics,
+                         history=history, seconds=time.perf_counter() - start, config=config,
+                         poisoned_indices=np.flatnonzero(poisoned.poisoned))
+    if workdir is not None:
+        save_result(workdir, result, dataset, attack)
+    return result
+
+
+def training_metadata(result: TrainResult, dataset: ImageDataset,
+                      attack: Attack) -> dict[str, Any]:
+    """The provenance of a trained model, for ``metadata.json`` (see :func:`save_result`)."""
+    return {
+        "dataset": {"name": dataset.name, "num_classes": dataset.num_classes,
+                    "image_shape": list(dataset.image_shape), "train_size": len(dataset.train),
+                    "test_size": len(dataset.test)},
+        "attack": {"name": attack.name, "params": dict(attack.params)},
+        "poisoned_count": int(result.poisoned_indices.size),
+        "seed": result.config.seed,
+        "train_config": result.config.to_dict(),
+        "metrics": result.metrics,
+        "history": result.history,
+        "seconds": result.seconds,
+    }
+
+
+def save_result(directory: str | os.PathLike, result: TrainResult, dataset: ImageDataset,
+                attack: Attack, *, overwrite: bool = False) -> str:
+    """Saves a trained model with :func:`awm_jax.checkpoint.save_model` and its provenance."""
+    return save_model(directory, result.config.model, result.config.model_kwargs,
+                      dataset.num_classes, dataset.image_shape, result.variables,
+                      training_metadata(result, dataset, attack), overwrite=overwrite)
