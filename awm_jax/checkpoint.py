@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import importlib.metadata
 import json
 import os
-import platform
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -29,40 +26,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from awm_jax.models import create_model, init_variables
+from awm_jax.serialization import as_tuples, json_default, library_versions, write_json_atomic
 from awm_jax.types import Variables
 
 METADATA_FILE = "metadata.json"
 VARIABLES_DIR = "variables"
 FORMAT_VERSION = 1
 _RESERVED_KEYS = ("format_version", "model", "variables_sha256", "versions", "created")
-_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of Python and of the libraries that define a checkpoint's numbers."""
-    versions = {"python": platform.python_version()}
-    for package in _PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "not installed"
-    return versions
-
-
-def _json_default(value: Any) -> Any:
-    """Lets numpy/JAX scalars and arrays (metrics, attack params) into JSON."""
-    if isinstance(value, (np.generic, np.ndarray, jax.Array)):
-        return np.asarray(value).tolist()
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
-def _as_tuples(value: Any) -> Any:
-    """JSON lists back to tuples: linen module attributes such as ``features`` are tuples."""
-    if isinstance(value, list):
-        return tuple(_as_tuples(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _as_tuples(v) for k, v in value.items()}
-    return value
 
 
 def variables_digest(variables: Variables) -> str:
@@ -111,21 +81,6 @@ def _mismatch_error(what: str, problems: list[str]) -> ValueError:
                       "model name, model_kwargs, num_classes or image_shape changed?")
 
 
-def _write_json_atomic(path: str, data: Mapping[str, Any]) -> None:
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".metadata-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True, default=_json_default)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _metadata_record(model_name: str, model_kwargs: Mapping[str, Any], num_classes: int,
                      image_shape: Sequence[int],
                      metadata: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -146,14 +101,14 @@ def _metadata_record(model_name: str, model_kwargs: Mapping[str, Any], num_class
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     try:
-        return json.loads(json.dumps(record, default=_json_default))
+        return json.loads(json.dumps(record, default=json_default))
     except (TypeError, ValueError) as err:
         raise ValueError(f"model_kwargs and metadata must be JSON-serialisable: {err}.") from err
 
 
 def _build_model(spec: Mapping[str, Any], directory: str) -> nn.Module:
     try:
-        return create_model(spec["name"], int(spec["num_classes"]), **_as_tuples(spec["kwargs"]))
+        return create_model(spec["name"], int(spec["num_classes"]), **as_tuples(spec["kwargs"]))
     except (TypeError, ValueError) as err:
         raise ValueError(f"cannot build the model {spec} for {directory}: {err}") from err
 
@@ -213,7 +168,7 @@ def save_model(directory: str | os.PathLike, model_name: str, model_kwargs: Mapp
                               force=overwrite)
     except Exception as err:  # orbax/tensorstore raise many types; report them in one place.
         raise ValueError(f"could not write the checkpoint in {directory}: {err}") from err
-    _write_json_atomic(metadata_path, record)
+    write_json_atomic(metadata_path, record, sort_keys=True)
     return directory
 
 

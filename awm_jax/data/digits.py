@@ -38,7 +38,8 @@ def load_digits(size: int = 16) -> ImageDataset:
     order = np.random.default_rng(_SPLIT_SEED).permutation(len(labels))
     test_idx, train_idx = order[:DIGITS_TEST_SIZE], order[DIGITS_TEST_SIZE:]
     return ImageDataset(
-        name=f"digits{size}",
+        # The name is a source string that load_dataset accepts, so checkpoints can reload it.
+        name="digits" if size == 16 else f"digits{size}",
         train=make_split(images[train_idx], labels[train_idx], 10, "digits train"),
         test=make_split(images[test_idx], labels[test_idx], 10, "digits test"),
         class_names=tuple(str(d) for d in range(10)),

@@ -3,7 +3,8 @@
 A source is, in the order tried:
 
 1. ``"tfds:<name>"``: a TensorFlow Datasets name, explicitly (:mod:`awm_jax.data.tfds_source`).
-2. an embedded name: ``"digits"`` (:mod:`awm_jax.data.digits`, offline, no files).
+2. an embedded name: ``"digits"`` (16x16) or ``"digits<size>"`` such as ``"digits8"``
+   (:mod:`awm_jax.data.digits`, offline, no files).
 3. an existing path: a directory or ``.tar``/``.tar.gz``/``.tgz`` archive in ImageFolder layout
    (:mod:`awm_jax.data.folder`), or an ``.npz``/``.h5``/``.hdf5`` array file
    (:mod:`awm_jax.data.arrays`).
@@ -13,6 +14,7 @@ A source is, in the order tried:
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from awm_jax.data.arrays import load_array_file
@@ -50,6 +52,9 @@ def load_dataset(source: str | os.PathLike, **kwargs) -> ImageDataset:
         return load_tfds(text[len(TFDS_PREFIX):], **kwargs)
     if text in EMBEDDED_DATASETS:
         return EMBEDDED_DATASETS[text](**kwargs)
+    sized_digits = re.fullmatch(r"digits(\d+)", text)
+    if sized_digits:
+        return load_digits(size=int(sized_digits.group(1)), **kwargs)
     path = Path(text).expanduser()
     if path.exists():
         return _load_path(path, **kwargs)

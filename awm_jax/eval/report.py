@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import platform
 from pathlib import Path
 from typing import Any, Sequence
+
+from awm_jax.serialization import library_versions, write_json_atomic
 
 METRIC_NAMES = ("acc", "asr", "asr_all", "ra")
 REPORT_KEYS = ("dataset", "model", "attack", "defense", "n_clean", "seed", "config", "before",
                "after", "seconds")
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of Python and of the libraries whose behaviour a result depends on."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {"python": platform.python_version()}
-    for package in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = "absent"
-    return versions
 
 
 def validate_report(report: dict[str, Any]) -> None:
@@ -43,28 +30,10 @@ def validate_report(report: dict[str, Any]) -> None:
                 raise ValueError(f"report[{phase!r}][{name!r}] must be a fraction; got {value}.")
 
 
-def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """Writes ``payload`` as indented JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=_jsonable) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def write_report(path: str | os.PathLike, report: dict[str, Any]) -> Path:
     """Validates and writes a ``report.json``."""
     validate_report(report)
-    return write_json(path, {**report, "versions": library_versions()})
-
-
-def _jsonable(value):
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, (set, tuple)):
-        return list(value)
-    raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
+    return write_json_atomic(path, {**report, "versions": library_versions()})
 
 
 def summary_table(rows: dict[str, dict[str, float]], names: Sequence[str] = METRIC_NAMES) -> str:
@@ -79,13 +48,16 @@ def summary_table(rows: dict[str, dict[str, float]], names: Sequence[str] = METR
 
 
 def plot_history(history: Sequence[dict[str, float]], path: str | os.PathLike,
-                 before: dict[str, float] | None = None, title: str = "AWM") -> Path:
+                 before: dict[str, float] | None = None, after: dict[str, float] | None = None,
+                 title: str = "AWM") -> Path:
     """Plots test ACC and ASR (and RA if present) over the outer epochs to a PNG.
 
     Args:
       history: one dict per epoch with ``epoch`` and the metrics to draw.
       path: output file.
       before: metrics of the backdoored model, drawn at epoch 0.
+      after: metrics of the model the defense returned (which may be a selected or averaged
+        mask rather than the last epoch's), drawn as stars to the right of the last epoch.
       title: figure title.
     """
     import matplotlib
@@ -99,9 +71,14 @@ def plot_history(history: Sequence[dict[str, float]], path: str | os.PathLike,
         if not all(name in h for h in history):
             continue
         values = ([before[name]] if before else []) + [h[name] for h in history]
-        axis.plot(epochs, [100 * v for v in values], style, label=name.upper(), markersize=3)
-    if history and "selected_epoch" in history[-1]:
-        axis.axvline(history[-1]["selected_epoch"], color="grey", linestyle=":")
+        line, = axis.plot(epochs, [100 * v for v in values], style, label=name.upper(),
+                          markersize=3)
+        if after is not None and history:
+            axis.plot([history[-1]["epoch"] + 1], [100 * after[name]], "*",
+                      color=line.get_color(), markersize=11)
+    if after is not None and history:
+        axis.annotate("returned\nmodel", (history[-1]["epoch"] + 1, 50), ha="center",
+                      fontsize=8, color="grey")
     axis.set_xlabel("outer epoch")
     axis.set_ylabel("percent of test images")
     axis.set_ylim(-2, 102)

@@ -11,16 +11,9 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+from awm_jax.serialization import as_tuples
+
 SCHEDULES = ("constant", "cosine", "multistep")
-
-
-def _as_tuples(value: Any) -> Any:
-    """Lists become tuples (recursively) so a config read back from JSON equals the original."""
-    if isinstance(value, (list, tuple)):
-        return tuple(_as_tuples(v) for v in value)
-    if isinstance(value, Mapping):
-        return {str(k): _as_tuples(v) for k, v in value.items()}
-    return value
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
@@ -95,8 +88,8 @@ class TrainConfig:
             raise ValueError("model_kwargs must not contain 'num_classes'; it comes from the "
                              "dataset.")
         # Frozen dataclass: normalise through object.__setattr__ so equality survives JSON.
-        object.__setattr__(self, "model_kwargs", _as_tuples(self.model_kwargs))
-        object.__setattr__(self, "milestones", _as_tuples(self.milestones))
+        object.__setattr__(self, "model_kwargs", as_tuples(self.model_kwargs))
+        object.__setattr__(self, "milestones", as_tuples(self.milestones))
         _check_int("epochs", self.epochs, 1)
         _check_int("batch_size", self.batch_size, 1)
         _check_int("eval_batch_size", self.eval_batch_size, 1)

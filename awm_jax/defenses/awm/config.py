@@ -17,7 +17,7 @@ INNER_LABELS = ("predicted", "true")
 TRIGGER_CONSTRAINTS = ("rescale_epoch", "project_step")
 MASK_OPTIMIZERS = ("adam", "sgd")
 LOOPS = ("python", "scan")
-MASK_SELECTIONS = ("last", "min_robust_loss")
+MASK_SELECTIONS = ("last", "min_robust_loss", "average")
 
 
 class AWMHparams(NamedTuple):
@@ -75,6 +75,8 @@ class AWMConfig:
         among the masks after epochs 1..E, the one with the lowest ``CE(x) + CE(x + delta)`` on
         the defender's own images, ``delta`` being the trigger the next inner phase recovers
         against it (one extra inner phase scores the final mask): needs no test data.
+        ``"average"`` returns the mean of the masks after each of the last ``ceil(E / 2)``
+        epochs, which smooths the epoch-to-epoch swings of the mask.
       loop: ``"python"`` drives jitted steps from Python (fast on CPU); ``"scan"`` compiles each
         phase as one ``lax.scan``.
     """

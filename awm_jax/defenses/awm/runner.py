@@ -8,6 +8,7 @@ with the host.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Callable
 
@@ -33,7 +34,8 @@ class AWMResult:
     Attributes:
       variables: the purified model's ``{"params", "batch_stats"}`` with the mask folded in.
       mask: the selected soft mask.
-      selected_epoch: the epoch (1-based) whose mask was returned.
+      selected_epoch: the epoch (1-based) whose mask was returned; for ``"average"`` the first
+        epoch of the averaged window.
       history: one dict per epoch: mean step metrics, selection score, and the callback's values.
       mask_stats: :func:`mask_statistics` of the returned mask.
       seconds: wall time of the defense (compile included), evaluation callbacks excluded.
@@ -82,7 +84,7 @@ class _Driver:
         state = self.end_trigger_phase(state, hparams)
         metrics = _mean_metrics(history)
         metrics["trigger_l1"] = jnp.sum(jnp.abs(state.trigger))
-        if self.config.mask_selection != "last":
+        if self.config.mask_selection == "min_robust_loss":
             metrics["selection_score"] = self.selection_score(state, frozen, data, hparams)
         return state, metrics
 
@@ -129,7 +131,9 @@ def run_awm(model: nn.Module, variables: Variables, clean: Split, config: AWMCon
     frozen = Frozen(variables["params"], variables["batch_stats"])
     state = steps.init(frozen.params, data, hparams)
     shrink_key, epochs_key = jax.random.split(key)
-    selecting = config.mask_selection != "last"
+    selecting = config.mask_selection == "min_robust_loss"
+    average_from = config.outer_epochs - math.ceil(config.outer_epochs / 2)
+    mask_sum = None
     best = {"score": np.inf, "epoch": config.outer_epochs, "mask": None}
     history: list[dict] = []
     epoch_seconds: list[float] = []
@@ -157,6 +161,9 @@ def run_awm(model: nn.Module, variables: Variables, clean: Split, config: AWMCon
             record.update(on_epoch(epoch + 1, _purified(frozen, state.mask)))
             excluded += time.perf_counter() - eval_start
         history.append(record)
+        if config.mask_selection == "average" and epoch >= average_from:
+            mask_sum = (jax.tree_util.tree_map(jnp.copy, state.mask) if mask_sum is None
+                        else _add_masks(mask_sum, state.mask))
         bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()
                          if k in ("loss", "triggered_ce", "acc", "asr")})
     mask, selected = state.mask, config.outer_epochs
@@ -166,10 +173,19 @@ def run_awm(model: nn.Module, variables: Variables, clean: Split, config: AWMCon
         history[-1]["selection_score"] = float(trigger_metrics["selection_score"])
         _keep_if_best(best, history[-1]["selection_score"], config.outer_epochs, state.mask)
         mask, selected = best["mask"], best["epoch"]
+    if config.mask_selection == "average":
+        count = config.outer_epochs - average_from
+        mask = jax.tree_util.tree_map(lambda m: m / count, mask_sum)
+        selected = average_from + 1
     seconds = time.perf_counter() - start - excluded
     compile_seconds = epoch_seconds[0] - epoch_seconds[1] if len(epoch_seconds) > 1 else None
     return AWMResult(_purified(frozen, mask), mask, selected, history, mask_statistics(mask),
                      seconds, compile_seconds)
+
+
+@jax.jit
+def _add_masks(total, mask):
+    return jax.tree_util.tree_map(jnp.add, total, mask)
 
 
 def _keep_if_best(best: dict, score: float, epoch: int, mask) -> None:

@@ -231,7 +231,7 @@ def make_awm_steps(model: nn.Module, config: AWMConfig, num_clean: int) -> AWMSt
         state = end_trigger_phase(state, hparams)
         metrics = {name: value.mean() for name, value in metrics.items()}
         metrics["trigger_l1"] = jnp.sum(jnp.abs(state.trigger))
-        if config.mask_selection != "last":
+        if config.mask_selection == "min_robust_loss":
             metrics["selection_score"] = selection_score(state, frozen, data, hparams)
         return state, metrics
 

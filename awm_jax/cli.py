@@ -1,0 +1,200 @@
+"""``awm-jax``: train backdoored models, purify them, evaluate them, or run the offline demo.
+
+The CLI only parses arguments and calls library functions (:mod:`awm_jax.pipeline`,
+:mod:`awm_jax.training`, :mod:`awm_jax.demo`). Every config field is a flag, documented from the
+config's docstring; unset flags keep the documented defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from pathlib import Path
+
+from awm_jax.config_flags import add_config_flags, config_from_flags
+
+EPILOG = """examples:
+  awm-jax demo                                   # offline: backdoor + AWM on digits, ~1 min
+  awm-jax train-backdoor --dataset digits --attack badnets --attack-param target=0 \\
+      --attack-param patch_size=3 --epochs 30 --out runs/digits_badnets
+  awm-jax purify --checkpoint runs/digits_badnets --one-shot --awm-tau 50 --out runs/awm
+  awm-jax evaluate --checkpoint runs/awm/purified
+"""
+
+
+def _key_values(pairs: list[str] | None, flag: str) -> dict:
+    """Parses ``k=v`` pairs; values are JSON when they parse as JSON, else strings."""
+    values = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"{flag} expects key=value; got {pair!r}")
+        key, raw = pair.split("=", 1)
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    return values
+
+
+def _parser() -> argparse.ArgumentParser:
+    from awm_jax.defenses.awm.config import AWMConfig
+    from awm_jax.training.config import TrainConfig
+
+    parser = argparse.ArgumentParser(
+        prog="awm-jax", description="Erase neural backdoors with Adversarial Weight Masking.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="offline end-to-end demo on scikit-learn digits")
+    demo.add_argument("--seed", type=int, default=0, help="root seed [default: 0]")
+    demo.add_argument("--out", default="awm_demo", help="output directory [default: awm_demo]")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    train = commands.add_parser("train-backdoor", help="poison a dataset and train a model")
+    train.add_argument("--dataset", default="digits",
+                       help="dataset source: digits, a TFDS name, an ImageFolder dir/archive, "
+                            "or an .npz/.h5 file [default: digits]")
+    train.add_argument("--attack", default="badnets", help="attack name [default: badnets]")
+    train.add_argument("--attack-param", action="append", metavar="K=V",
+                       help="attack parameter, repeatable (e.g. target=0)")
+    train.add_argument("--model-param", action="append", metavar="K=V",
+                       help="model keyword argument, repeatable (e.g. width=16)")
+    train.add_argument("--out", required=True, help="checkpoint directory to create")
+    train.add_argument("--eval-every", type=int, default=0,
+                       help="evaluate ACC/ASR every N epochs (0: at the end) [default: 0]")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_flags(train, TrainConfig, "", skip=("model_kwargs",))
+
+    purify = commands.add_parser("purify", help="purify a backdoored checkpoint")
+    purify.add_argument("--checkpoint", required=True, help="directory from train-backdoor")
+    purify.add_argument("--defense", default="awm", help="defense name [default: awm]")
+    purify.add_argument("--dataset", default=None,
+                        help="dataset source (default: the one in the checkpoint's metadata)")
+    _add_clean_flags(purify)
+    purify.add_argument("--seed", type=int, default=0, help="root seed [default: 0]")
+    purify.add_argument("--track-epochs", action="store_true",
+                        help="evaluate after every epoch and plot ACC/ASR over epochs")
+    purify.add_argument("--out", required=True, help="directory for report.json and the model")
+    purify.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_flags(purify, AWMConfig, "awm_")
+
+    evaluate = commands.add_parser("evaluate", help="ACC, ASR and RA of a checkpoint")
+    evaluate.add_argument("--checkpoint", required=True, help="model directory")
+    evaluate.add_argument("--dataset", default=None, help="dataset source override")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of random triggers")
+    evaluate.add_argument("--out", default=None, help="optional JSON file for the metrics")
+    return parser
+
+
+def _add_clean_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("defender's clean data (drawn from the test split)")
+    group.add_argument("--n-clean", type=int, default=500, help="images drawn [default: 500]")
+    group.add_argument("--per-class", type=int, default=None,
+                       help="draw this many images of every class instead of --n-clean")
+    group.add_argument("--one-shot", action="store_true",
+                       help="one image per class plus 9 random-resized-crop views of each")
+    group.add_argument("--augment-views", type=int, default=None,
+                       help="views per image (one-shot: 9, else 0)")
+    group.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0),
+                       metavar=("LOW", "HIGH"), help="crop area range [default: 0.08 1.0]")
+    group.add_argument("--no-flip", action="store_true", help="no horizontal flips of views")
+
+
+def _clean_config(args):
+    from awm_jax.data.clean_subset import CleanDataConfig
+
+    settings = dict(crop_scale=tuple(args.crop_scale), flip=not args.no_flip)
+    if args.augment_views is not None:
+        settings["augment_views"] = args.augment_views
+    if args.one_shot:
+        return CleanDataConfig.one_shot(**settings)
+    if args.per_class is not None:
+        return CleanDataConfig(n_clean=None, per_class=args.per_class, **settings)
+    return CleanDataConfig(n_clean=args.n_clean, **settings)
+
+
+def _demo(args) -> dict:
+    from awm_jax.demo import run_demo
+
+    report = run_demo(seed=args.seed, out_dir=args.out, progress=not args.quiet)
+    print(f"backdoored model trained in {report['training']['seconds']:.1f} s")
+    return report
+
+
+def _train(args) -> dict:
+    from awm_jax.attacks.base import create_attack
+    from awm_jax.data.sources import load_dataset
+    from awm_jax.training.config import TrainConfig
+    from awm_jax.training.loop import train_backdoored_model
+
+    dataset = load_dataset(args.dataset)
+    attack = create_attack(args.attack, num_classes=dataset.num_classes,
+                           **_key_values(args.attack_param, "--attack-param"))
+    config = config_from_flags(args, TrainConfig, "", base=TrainConfig(
+        model_kwargs=_key_values(args.model_param, "--model-param")))
+    result = train_backdoored_model(dataset, attack, config, workdir=args.out,
+                                    progress=not args.quiet, eval_every=args.eval_every)
+    print(json.dumps({"checkpoint": args.out, "seconds": round(result.seconds, 1),
+                      **result.metrics}, indent=2))
+    return {}
+
+
+def _purify(args) -> dict:
+    from awm_jax.defenses.awm.config import AWMConfig
+    from awm_jax.pipeline import purify_checkpoint
+
+    defense_config = config_from_flags(args, AWMConfig, "awm_") if args.defense == "awm" \
+        else None
+    return purify_checkpoint(args.checkpoint, dataset_source=args.dataset, defense=args.defense,
+                             defense_config=defense_config, clean=_clean_config(args),
+                             seed=args.seed, out_dir=args.out, track_epochs=args.track_epochs,
+                             progress=not args.quiet)
+
+
+def _evaluate(args) -> dict:
+    import jax
+
+    from awm_jax.attacks.base import create_attack
+    from awm_jax.checkpoint import load_model
+    from awm_jax.data.sources import load_dataset
+    from awm_jax.eval.metrics import (evaluate_backdoor, make_predict_fn,
+                                      make_triggered_eval_set)
+
+    model, variables, metadata = load_model(args.checkpoint)
+    dataset = load_dataset(args.dataset or metadata["dataset"]["name"])
+    attack = create_attack(metadata["attack"]["name"], **metadata["attack"]["params"])
+    triggered = make_triggered_eval_set(dataset.test, attack, jax.random.key(args.seed))
+    metrics = evaluate_backdoor(functools.partial(make_predict_fn(model), variables),
+                                dataset.test, triggered)
+    print(json.dumps(metrics, indent=2))
+    if args.out:
+        from awm_jax.serialization import write_json_atomic
+
+        write_json_atomic(args.out, {"checkpoint": args.checkpoint, "dataset": dataset.name,
+                              "attack": attack.name, **metrics})
+    return {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"demo": _demo, "train-backdoor": _train, "purify": _purify,
+               "evaluate": _evaluate}[args.command]
+    try:
+        report = handler(args)
+    except (ValueError, FloatingPointError) as error:
+        print(f"awm-jax {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    if report:
+        from awm_jax.pipeline import print_summary
+
+        print(print_summary(report))
+        out = Path(args.out)
+        print(f"wrote {out / 'report.json'}" + (f" and {out / 'history.png'}"
+                                                 if (out / "history.png").exists() else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

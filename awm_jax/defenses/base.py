@@ -1,0 +1,68 @@
+"""One interface for every defense: ``purify(model, variables, clean, key, config) -> result``.
+
+A defense registers a :class:`Defense`: its name, its frozen config class (whose defaults are the
+reference settings), and a ``purify`` driver that jits the defense's pure steps and runs them.
+AWM is the first member; the baselines (FT, FP, NAD, NC, ANP, I-BAU) join under the same names
+that ``awm-jax purify --defense NAME`` accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+
+from awm_jax.data.dataset import Split
+from awm_jax.registry import Registry
+from awm_jax.types import PRNGKey, Variables
+
+EpochCallback = Callable[[int, Variables], dict[str, float]]
+
+
+@dataclasses.dataclass
+class DefenseResult:
+    """What every defense returns.
+
+    Attributes:
+      variables: the purified model's ``{"params", "batch_stats"}``.
+      history: one dict per epoch (the defense's own metrics plus the callback's).
+      seconds: wall time of the defense itself (evaluation callbacks excluded).
+      details: defense-specific facts for the report (e.g. mask statistics, selected epoch).
+    """
+
+    variables: Variables
+    history: list[dict[str, float]]
+    seconds: float
+    details: dict[str, Any]
+
+
+class Defense(NamedTuple):
+    """A registered defense.
+
+    Attributes:
+      name: registry name.
+      config_class: frozen dataclass of its settings (with ``to_dict``/``from_dict``).
+      purify: ``(model, variables, clean, key, config, *, num_classes, on_epoch, progress)
+        -> DefenseResult``.
+    """
+
+    name: str
+    config_class: type
+    purify: Callable[..., DefenseResult]
+
+
+DEFENSES: Registry = Registry("defense")
+
+
+def get_defense(name: str) -> Defense:
+    """The registered defense ``name`` (an unknown name raises a ValueError listing the known)."""
+    return DEFENSES.get(name)()
+
+
+def purify(name: str, model: nn.Module, variables: Variables, clean: Split, key: PRNGKey,
+           config=None, **kwargs) -> DefenseResult:
+    """Runs defense ``name`` with ``config`` (its defaults when None)."""
+    defense = get_defense(name)
+    return defense.purify(model, variables, clean, key,
+                          config if config is not None else defense.config_class(), **kwargs)
