@@ -32,7 +32,7 @@ def test_patch_position_value_and_bounds():
         create_attack("badnets", value=2.0)
     with pytest.raises(ValueError, match="target label 12 out of range"):
         create_attack("badnets", target=12, num_classes=10)
-    with pytest.raises(ValueError, match="unknown attack 'nope'; known: badnets"):
+    with pytest.raises(ValueError, match="unknown attack .nope.; known: .*badnets"):
         create_attack("nope")
 
 
