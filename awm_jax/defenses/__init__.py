@@ -1,6 +1,7 @@
 """Backdoor defenses behind one interface (see :mod:`awm_jax.defenses.base`)."""
 
 from awm_jax.defenses import awm_defense  # noqa: F401  (registers "awm")
+from awm_jax.defenses import anp, fine_pruning, finetune, nad  # noqa: F401  (ft, fp, nad, anp)
 from awm_jax.defenses.base import DEFENSES, Defense, DefenseResult, get_defense, purify
 
 __all__ = ["DEFENSES", "Defense", "DefenseResult", "get_defense", "purify"]
