@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,9 @@ def purify_model(model, variables, dataset: ImageDataset, attack: Attack, *,
                  model_name: str, defense: str = "awm", defense_config=None,
                  clean: CleanDataConfig = CleanDataConfig(), seed: int = 0,
                  out_dir: str | Path | None = None, track_epochs: bool = False,
-                 progress: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                 progress: bool = True, extra: dict[str, Any] | None = None,
+                 workdir: str | Path | None = None, checkpoint_every: int = 1,
+                 resume: bool = False) -> dict[str, Any]:
     """Runs ``defense`` on a backdoored model and measures it before and after.
 
     Args:
@@ -49,6 +52,10 @@ def purify_model(model, variables, dataset: ImageDataset, attack: Attack, *,
       track_epochs: evaluate the test metrics after every epoch (for the plot); costs time.
       progress: show progress bars.
       extra: more entries for the report.
+      workdir: if given, the defense checkpoints its progress there every
+        ``checkpoint_every`` epochs (defenses whose ``purify`` takes ``workdir``: AWM).
+      checkpoint_every: epochs between checkpoints.
+      resume: continue from the newest checkpoint in ``workdir`` (a fresh start if none).
 
     Returns:
       The report dict (see :data:`awm_jax.eval.report.REPORT_KEYS`).
@@ -68,7 +75,8 @@ def purify_model(model, variables, dataset: ImageDataset, attack: Attack, *,
     result = chosen.purify(model, variables, clean_split, defense_key, config,
                            num_classes=dataset.num_classes,
                            on_epoch=(lambda epoch, v: evaluate(v)) if track_epochs else None,
-                           progress=progress)
+                           progress=progress,
+                           **_checkpoint_kwargs(chosen, workdir, checkpoint_every, resume))
     after = evaluate(result.variables)
     report = {
         "dataset": dataset.name, "model": model_name, "attack": attack.name,
@@ -90,6 +98,16 @@ def purify_model(model, variables, dataset: ImageDataset, attack: Attack, *,
                     "attack": {"name": attack.name, "params": dict(attack.params)},
                     "dataset": {"name": dataset.name}}, overwrite=True)
     return report
+
+
+def _checkpoint_kwargs(chosen, workdir, checkpoint_every: int, resume: bool) -> dict[str, Any]:
+    if workdir is None:
+        if resume:
+            raise ValueError("resume=True needs a workdir to resume from; got workdir=None.")
+        return {}
+    if "workdir" not in inspect.signature(chosen.purify).parameters:
+        raise ValueError(f"the {chosen.name} defense does not support workdir/resume.")
+    return {"workdir": str(workdir), "checkpoint_every": checkpoint_every, "resume": resume}
 
 
 def _model_kwargs(model) -> dict[str, Any]:

@@ -143,7 +143,8 @@ def test_mask_selection_returns_a_scored_epoch(setup):
 
 @pytest.mark.parametrize("field,value,match", [
     ("alpha", 1.5, "alpha must be in"), ("gamma", -1.0, "gamma must be in"),
-    ("tau", 0.0, "tau must be > 0"), ("outer_epochs", 0, "outer_epochs must be >= 1"),
+    ("tau", 0.0, "tau must be a finite number > 0"), ("trigger_lr", float("inf"), "trigger_lr"),
+    ("gamma", float("nan"), "gamma must be in"), ("outer_epochs", 0, "outer_epochs must be >= 1"),
     ("inner_labels", "guess", "inner_labels must be one of"), ("lr_decay", 0.0, "lr_decay"),
 ])
 def test_config_rejects_nonsense(field, value, match):

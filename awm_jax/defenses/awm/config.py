@@ -7,6 +7,7 @@ field's docstring says where the paper (Algorithm 1) differs and how to get the 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax.numpy as jnp
@@ -154,10 +155,10 @@ def official_one_shot(**overrides) -> AWMConfig:
 
 
 def _check_range(name: str, value: float, low: float, high: float) -> None:
-    if not low <= value <= high:
+    if not (low <= value <= high and math.isfinite(value)):
         raise ValueError(f"{name} must be in [{low}, {high}]; got {value}.")
 
 
 def _check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0; got {value}.")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number > 0; got {value}.")

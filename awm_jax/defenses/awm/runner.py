@@ -1,14 +1,16 @@
 """Host driver for AWM: validates inputs, jits the pure steps once, runs the epochs.
 
 This is the one place where AWM's steps are jitted (with the state donated). Python drives the
-epochs, the progress bar and the optional per-epoch evaluation; nothing inside a step syncs
-with the host.
+epochs, the progress bar, the optional per-epoch evaluation and the optional checkpoints
+(:mod:`awm_jax.defenses.awm.checkpointing`); nothing inside a step syncs with the host.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
 import time
 from typing import Callable
 
@@ -19,6 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from awm_jax.data.dataset import Split
+from awm_jax.defenses.awm.checkpointing import AWMCheckpointer, Progress, fingerprint
 from awm_jax.defenses.awm.config import AWMConfig
 from awm_jax.defenses.awm.mask import fold_mask, mask_statistics
 from awm_jax.defenses.awm.step import AWMState, AWMSteps, Frozen, make_awm_steps, phase_keys
@@ -98,13 +101,29 @@ class _Driver:
         return self.end_epoch(state), _mean_metrics(history)
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_driver(model: nn.Module, config: AWMConfig, num_clean: int) -> _Driver:
+    return _Driver(make_awm_steps(model, config, num_clean), config)
+
+
+def _driver(model: nn.Module, config: AWMConfig, num_clean: int) -> _Driver:
+    """The jitted steps of one setup, reused so that a second run (a resume, a repeat) with an
+    equal model and config does not compile again."""
+    try:
+        return _cached_driver(model, config, num_clean)
+    except TypeError:  # an unhashable module attribute: build the steps uncached.
+        return _Driver(make_awm_steps(model, config, num_clean), config)
+
+
 def _mean_metrics(history: list[dict]) -> dict:
     return {name: jnp.mean(jnp.stack([m[name] for m in history])) for name in history[0]}
 
 
 def run_awm(model: nn.Module, variables: Variables, clean: Split, config: AWMConfig,
             key: PRNGKey, *, num_classes: int | None = None,
-            on_epoch: EpochCallback | None = None, progress: bool = True) -> AWMResult:
+            on_epoch: EpochCallback | None = None, progress: bool = True,
+            workdir: str | os.PathLike | None = None, checkpoint_every: int = 1,
+            max_to_keep: int = 2, resume: bool = False) -> AWMResult:
     """Purifies a backdoored model with AWM from the defender's clean images.
 
     Args:
@@ -117,70 +136,140 @@ def run_awm(model: nn.Module, variables: Variables, clean: Split, config: AWMCon
       on_epoch: optional ``(epoch, purified_variables) -> metrics`` called after every epoch
         (e.g. test ACC/ASR for a plot); its time is not counted in ``seconds``.
       progress: show a progress bar.
+      workdir: if given, the run's progress is checkpointed there with orbax
+        (:mod:`awm_jax.defenses.awm.checkpointing`).
+      checkpoint_every: save after every this many epochs (and after the last one).
+      max_to_keep: checkpoints kept in ``workdir``.
+      resume: continue from the newest checkpoint in ``workdir``; with none there the run
+        starts fresh. Without ``resume``, a ``workdir`` holding checkpoints is an error, so a
+        finished or killed run is never silently overwritten. A resumed run ends with the same
+        masks and metrics, bit for bit, as an uninterrupted run with the same inputs (on the
+        same device type).
 
     Returns:
       An :class:`AWMResult`.
 
     Raises:
-      ValueError: invalid clean data (see the batch contract) or an empty clean set.
+      ValueError: invalid clean data (see the batch contract), an empty clean set, ``resume``
+        without ``workdir``, checkpoints in ``workdir`` without ``resume``, or a checkpoint
+        written with another config or other inputs.
+      FloatingPointError: an epoch's step metrics are NaN or infinite; the message names the
+        epoch and the last good checkpoint, which is kept.
     """
+    if resume and workdir is None:
+        raise ValueError("resume=True needs a workdir to resume from; got workdir=None.")
     data = _validate_clean(clean, num_classes)
-    steps = make_awm_steps(model, config, int(data["label"].shape[0]))
-    driver = _Driver(steps, config)
+    driver = _driver(model, config, int(data["label"].shape[0]))
+    steps = driver.steps
     hparams = config.hparams()
     frozen = Frozen(variables["params"], variables["batch_stats"])
-    state = steps.init(frozen.params, data, hparams)
     shrink_key, epochs_key = jax.random.split(key)
-    selecting = config.mask_selection == "min_robust_loss"
-    average_from = config.outer_epochs - math.ceil(config.outer_epochs / 2)
-    mask_sum = None
-    best = {"score": np.inf, "epoch": config.outer_epochs, "mask": None}
-    history: list[dict] = []
-    epoch_seconds: list[float] = []
+    run = Progress(state=steps.init(frozen.params, data, hparams), history=[], epochs_done=0,
+                   best_score=np.inf, best_epoch=config.outer_epochs)
+    checkpointer = None
+    if workdir is not None:
+        checkpointer = AWMCheckpointer(workdir, config, fingerprint(key, data, variables),
+                                       checkpoint_every=checkpoint_every,
+                                       max_to_keep=max_to_keep)
     start = time.perf_counter()
-    excluded = 0.0  # seconds spent in evaluation callbacks
-    if config.shrink_epochs:
-        state = _shrink(driver, state, frozen, data, shrink_key, hparams)
-    bar = tqdm(range(config.outer_epochs), desc="AWM", unit="epoch", disable=not progress)
-    for epoch in bar:
-        epoch_start = time.perf_counter()
-        epoch_key = jax.random.fold_in(epochs_key, epoch)
-        # The mask phase donates the state, so keep the mask this epoch's trigger is scored on.
-        previous_mask = jax.tree_util.tree_map(jnp.copy, state.mask) if selecting else None
-        state, trigger_metrics = driver.trigger_phase(state, frozen, data, epoch_key, hparams)
-        if selecting and epoch > 0:
-            _keep_if_best(best, float(trigger_metrics["selection_score"]), epoch, previous_mask)
-            history[-1]["selection_score"] = float(trigger_metrics["selection_score"])
-        state, mask_metrics = driver.mask_phase(state, frozen, data, epoch_key, hparams)
-        record = {"epoch": epoch + 1, **{k: float(v) for k, v in
-                                         {**trigger_metrics, **mask_metrics}.items()
-                                         if k != "selection_score"}}
-        epoch_seconds.append(time.perf_counter() - epoch_start)
-        if on_epoch is not None:
-            eval_start = time.perf_counter()
-            record.update(on_epoch(epoch + 1, _purified(frozen, state.mask)))
-            excluded += time.perf_counter() - eval_start
-        history.append(record)
-        if config.mask_selection == "average" and epoch >= average_from:
-            mask_sum = (jax.tree_util.tree_map(jnp.copy, state.mask) if mask_sum is None
-                        else _add_masks(mask_sum, state.mask))
-        bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()
-                         if k in ("loss", "triggered_ce", "acc", "asr")})
-    mask, selected = state.mask, config.outer_epochs
-    if selecting:
-        final_key = jax.random.fold_in(epochs_key, config.outer_epochs)
-        state, trigger_metrics = driver.trigger_phase(state, frozen, data, final_key, hparams)
-        history[-1]["selection_score"] = float(trigger_metrics["selection_score"])
-        _keep_if_best(best, history[-1]["selection_score"], config.outer_epochs, state.mask)
-        mask, selected = best["mask"], best["epoch"]
-    if config.mask_selection == "average":
-        count = config.outer_epochs - average_from
-        mask = jax.tree_util.tree_map(lambda m: m / count, mask_sum)
-        selected = average_from + 1
-    seconds = time.perf_counter() - start - excluded
+    timing = {"excluded": 0.0, "epochs": []}  # callback seconds; per-epoch seconds
+    try:
+        restored = checkpointer.start(run, resume) if checkpointer is not None else None
+        if restored is not None:
+            run = restored
+        elif config.shrink_epochs:
+            run.state = _shrink(driver, run.state, frozen, data, shrink_key, hparams)
+        bar = tqdm(range(run.epochs_done, config.outer_epochs), desc="AWM", unit="epoch",
+                   disable=not progress, initial=run.epochs_done, total=config.outer_epochs)
+        for epoch in bar:
+            record = _run_epoch(driver, run, frozen, data, jax.random.fold_in(epochs_key, epoch),
+                                hparams, on_epoch, timing)
+            _check_finite(record, epoch + 1, checkpointer)
+            run.history.append(record)
+            run.epochs_done = epoch + 1
+            if checkpointer is not None:
+                checkpointer.maybe_save(run)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()
+                             if k in ("loss", "triggered_ce", "acc", "asr")})
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
+    mask, selected = _select(driver, run, frozen, data, epochs_key, hparams)
+    seconds = time.perf_counter() - start - timing["excluded"]
+    epoch_seconds = timing["epochs"]
     compile_seconds = epoch_seconds[0] - epoch_seconds[1] if len(epoch_seconds) > 1 else None
-    return AWMResult(_purified(frozen, mask), mask, selected, history, mask_statistics(mask),
+    return AWMResult(_purified(frozen, mask), mask, selected, run.history, mask_statistics(mask),
                      seconds, compile_seconds)
+
+
+def _run_epoch(driver: _Driver, run: Progress, frozen, data, epoch_key, hparams,
+               on_epoch: EpochCallback | None, timing: dict) -> dict:
+    """One epoch (``run.epochs_done`` + 1): updates ``run``'s state and selection bookkeeping
+    and returns the epoch's history record (not yet appended)."""
+    config, epoch = driver.config, run.epochs_done
+    epoch_start = time.perf_counter()
+    selecting = config.mask_selection == "min_robust_loss"
+    # The mask phase donates the state, so keep the mask this epoch's trigger is scored on.
+    previous_mask = jax.tree_util.tree_map(jnp.copy, run.state.mask) if selecting else None
+    run.state, trigger_metrics = driver.trigger_phase(run.state, frozen, data, epoch_key,
+                                                      hparams)
+    if selecting and epoch > 0:
+        _keep_if_best(run, float(trigger_metrics["selection_score"]), epoch, previous_mask)
+        run.history[-1]["selection_score"] = float(trigger_metrics["selection_score"])
+    run.state, mask_metrics = driver.mask_phase(run.state, frozen, data, epoch_key, hparams)
+    record = {"epoch": epoch + 1, **{k: float(v) for k, v in
+                                     {**trigger_metrics, **mask_metrics}.items()
+                                     if k != "selection_score"}}
+    timing["epochs"].append(time.perf_counter() - epoch_start)
+    if on_epoch is not None:
+        eval_start = time.perf_counter()
+        record.update(on_epoch(epoch + 1, _purified(frozen, run.state.mask)))
+        timing["excluded"] += time.perf_counter() - eval_start
+    if config.mask_selection == "average" and epoch >= _average_from(config):
+        run.mask_sum = (jax.tree_util.tree_map(jnp.copy, run.state.mask) if run.mask_sum is None
+                        else _add_masks(run.mask_sum, run.state.mask))
+    return record
+
+
+def _average_from(config: AWMConfig) -> int:
+    """The 0-based first epoch whose mask ``"average"`` selection averages."""
+    return config.outer_epochs - math.ceil(config.outer_epochs / 2)
+
+
+def _select(driver: _Driver, run: Progress, frozen, data, epochs_key, hparams):
+    """The returned mask and its (1-based) epoch, per ``config.mask_selection``."""
+    config = driver.config
+    if config.mask_selection == "min_robust_loss":
+        final_key = jax.random.fold_in(epochs_key, config.outer_epochs)
+        state, trigger_metrics = driver.trigger_phase(run.state, frozen, data, final_key,
+                                                      hparams)
+        run.history[-1]["selection_score"] = float(trigger_metrics["selection_score"])
+        _keep_if_best(run, run.history[-1]["selection_score"], config.outer_epochs, state.mask)
+        return run.best_mask, run.best_epoch
+    if config.mask_selection == "average":
+        count = config.outer_epochs - _average_from(config)
+        return jax.tree_util.tree_map(lambda m: m / count, run.mask_sum), \
+            _average_from(config) + 1
+    return run.state.mask, config.outer_epochs
+
+
+def _check_finite(record: dict, epoch: int, checkpointer: AWMCheckpointer | None) -> None:
+    """Raises FloatingPointError if a step metric of ``record`` is NaN or infinite."""
+    bad = sorted(k for k, v in record.items()
+                 if k in _STEP_METRICS and not math.isfinite(v))
+    if not bad:
+        return
+    latest = checkpointer.latest_path() if checkpointer is not None else None
+    where = (f"the last good checkpoint is {latest} (kept); resume=True restarts from it"
+             if latest else "no checkpoint was written before it" +
+             ("" if checkpointer is not None else " (workdir not set)"))
+    raise FloatingPointError(
+        f"AWM diverged in epoch {epoch}: non-finite {', '.join(f'{k}={record[k]}' for k in bad)};"
+        f" {where}. Lower trigger_lr, mask_lr or gamma.")
+
+
+_STEP_METRICS = frozenset({"loss", "clean_ce", "triggered_ce", "mask_l1", "trigger_ce",
+                           "trigger_l1"})
 
 
 @jax.jit
@@ -188,9 +277,9 @@ def _add_masks(total, mask):
     return jax.tree_util.tree_map(jnp.add, total, mask)
 
 
-def _keep_if_best(best: dict, score: float, epoch: int, mask) -> None:
-    if score < best["score"]:
-        best.update(score=score, epoch=epoch, mask=mask)
+def _keep_if_best(run: Progress, score: float, epoch: int, mask) -> None:
+    if score < run.best_score:
+        run.best_score, run.best_epoch, run.best_mask = score, epoch, mask
 
 
 def _purified(frozen: Frozen, mask) -> Variables:
