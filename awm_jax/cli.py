@@ -21,6 +21,9 @@ EPILOG = """examples:
       --attack-param patch_size=3 --epochs 30 --out runs/digits_badnets
   awm-jax purify --checkpoint runs/digits_badnets --one-shot --awm-tau 50 --out runs/awm
   awm-jax evaluate --checkpoint runs/awm/purified
+  awm-jax export --checkpoint runs/awm/purified --format safetensors --out awm.safetensors
+  awm-jax sweep --checkpoint runs/digits_badnets --grid alpha=0.8,0.9 --grid tau=50,100 \\
+      --seeds 0 1 --one-shot --out runs/sweep          # vmapped: table, heatmaps, Pareto
 """
 
 
@@ -78,6 +81,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="evaluate after every epoch and plot ACC/ASR over epochs")
     purify.add_argument("--out", required=True, help="directory for report.json and the model")
     purify.add_argument("--quiet", action="store_true", help="no progress bars")
+    purify.add_argument("--workdir", default=None,
+                        help="checkpoint the defense's progress here (orbax; AWM only)")
+    purify.add_argument("--checkpoint-every", type=int, default=1,
+                        help="epochs between checkpoints in --workdir [default: 1]")
+    purify.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in --workdir (fresh start "
+                             "if there is none; the config must be unchanged)")
     add_config_flags(purify, AWMConfig, "awm_")
 
     evaluate = commands.add_parser("evaluate", help="ACC, ASR and RA of a checkpoint")
@@ -85,6 +95,15 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dataset", default=None, help="dataset source override")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of random triggers")
     evaluate.add_argument("--out", default=None, help="optional JSON file for the metrics")
+
+    export = commands.add_parser("export", help="write a model directory as npz or safetensors")
+    export.add_argument("--checkpoint", required=True,
+                        help="model directory (e.g. purify's OUT/purified)")
+    export.add_argument("--format", required=True, choices=("npz", "safetensors", "checkpoint"),
+                        help="npz or safetensors file of named arrays (params/Conv_0/kernel), "
+                             "or a copy as a model directory")
+    export.add_argument("--out", required=True, help="file (or directory) to write")
+    _add_sweep_parser(commands)
     return parser
 
 
@@ -150,7 +169,8 @@ def _purify(args) -> dict:
     return purify_checkpoint(args.checkpoint, dataset_source=args.dataset, defense=args.defense,
                              defense_config=defense_config, clean=_clean_config(args),
                              seed=args.seed, out_dir=args.out, track_epochs=args.track_epochs,
-                             progress=not args.quiet)
+                             progress=not args.quiet, workdir=args.workdir,
+                             checkpoint_every=args.checkpoint_every, resume=args.resume)
 
 
 def _evaluate(args) -> dict:
@@ -177,10 +197,66 @@ def _evaluate(args) -> dict:
     return {}
 
 
+def _export(args) -> dict:
+    from awm_jax.export import export_checkpoint
+
+    print(f"wrote {export_checkpoint(args.checkpoint, args.format, args.out)}")
+    return {}
+
+
+def _add_sweep_parser(commands) -> None:
+    from awm_jax.defenses.awm.config import AWMConfig
+
+    sweep = commands.add_parser("sweep", help="vmapped AWM hyperparameter sweep of a checkpoint")
+    sweep.add_argument("--checkpoint", required=True, help="directory from train-backdoor")
+    sweep.add_argument("--dataset", default=None, help="dataset source override")
+    sweep.add_argument("--grid", action="append", metavar="NAME=V1,V2",
+                       help="swept AWM hparam and its values (Cartesian product), repeatable")
+    sweep.add_argument("--zip", action="append", metavar="NAME=V1,V2",
+                       help="hparam values zipped with the other --zip lists, repeatable")
+    sweep.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds [default: 0]")
+    sweep.add_argument("--chunk-size", type=int, default=None,
+                       help="members per compiled chunk [default: from a memory estimate]")
+    sweep.add_argument("--devices", type=int, default=None,
+                       help="shard members over this many devices [default: no mesh]")
+    _add_clean_flags(sweep)
+    sweep.add_argument("--out", required=True, help="directory for sweep.json/.csv and plots")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_flags(sweep, AWMConfig, "awm_")
+
+
+def _value_lists(pairs: list[str] | None, flag: str) -> dict[str, list[float]]:
+    values = {}
+    for pair in pairs or []:
+        name, _, raw = pair.partition("=")
+        try:
+            values[name.strip()] = [float(v) for v in raw.split(",") if v.strip()]
+        except ValueError:
+            raise SystemExit(f"{flag} expects NAME=V1,V2,... with numbers; got {pair!r}")
+    return values
+
+
+def _sweep(args) -> dict:
+    from awm_jax.defenses.awm.config import AWMConfig
+    from awm_jax.sweep import SweepSpec, make_sweep_mesh
+    from awm_jax.sweep.job import print_table, sweep_checkpoint
+
+    spec = SweepSpec(grid=_value_lists(args.grid, "--grid"), zip=_value_lists(args.zip, "--zip"),
+                     seeds=args.seeds)
+    mesh = make_sweep_mesh(sweep=args.devices) if args.devices else None
+    table = sweep_checkpoint(args.checkpoint, config_from_flags(args, AWMConfig, "awm_"), spec,
+                             dataset_source=args.dataset, clean=_clean_config(args),
+                             chunk_size=args.chunk_size, mesh=mesh, out_dir=args.out,
+                             progress=not args.quiet)
+    print(print_table(table, spec.swept_names))
+    print(f"{len(table['rows'])} members in {table['sweep_seconds']:.1f} s; wrote {args.out}")
+    return {}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"demo": _demo, "train-backdoor": _train, "purify": _purify,
-               "evaluate": _evaluate}[args.command]
+               "evaluate": _evaluate, "export": _export, "sweep": _sweep}[args.command]
     try:
         report = handler(args)
     except (ValueError, FloatingPointError) as error:

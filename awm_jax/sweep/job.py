@@ -1,0 +1,106 @@
+"""A sweep end to end: clean draw per seed, vmapped AWM, vmapped evaluation, table and plots.
+
+Each seed's key is split as in :func:`awm_jax.pipeline.purify_model` into ``(clean, trigger,
+defense)``: the seed fixes the defender's images and the evaluation split, so members are grouped
+by seed and each group runs as one vmapped sweep over its hyperparameters (the groups have the
+same shapes, so the steps compile once). Member ``i`` therefore equals ``awm-jax purify`` with
+the same seed and settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+from awm_jax.attacks.base import Attack, create_attack
+from awm_jax.checkpoint import load_model
+from awm_jax.data.clean_subset import CleanDataConfig, draw_clean_subset
+from awm_jax.data.dataset import ImageDataset
+from awm_jax.data.sources import load_dataset
+from awm_jax.defenses.awm.config import AWMConfig
+from awm_jax.defenses.awm.mask import mask_statistics
+from awm_jax.eval.metrics import evaluate_backdoor, make_predict_fn, make_triggered_eval_set
+from awm_jax.sweep import report as report_lib
+from awm_jax.sweep.evaluate import evaluate_members
+from awm_jax.sweep.runner import run_sweep
+from awm_jax.sweep.spec import SweepSpec, member_keys
+
+METRICS = ("acc", "asr", "asr_all", "ra")
+
+
+def sweep_model(model, variables, dataset: ImageDataset, attack: Attack, config: AWMConfig,
+                spec: SweepSpec, *, clean: CleanDataConfig = CleanDataConfig(),
+                chunk_size: int | None = None, mesh=None, out_dir: str | Path | None = None,
+                progress: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Runs the sweep ``spec`` on a backdoored model and evaluates every member.
+
+    Returns:
+      ``{"rows": [...], "config", "spec", "seconds", ...}``; each row holds ``member``,
+      ``seed``, the swept hparams, the after-defense metrics, ``before_<metric>`` and
+      ``mask_mean``. With ``out_dir``, also writes the table and plots there.
+    """
+    rows: list[dict[str, Any]] = []
+    sweep_seconds = 0.0
+    start = time.perf_counter()
+    predict = make_predict_fn(model)
+    for seed in spec.seeds:
+        keys = member_keys(seed)
+        clean_split, eval_split = draw_clean_subset(dataset.test, dataset.num_classes,
+                                                    keys["clean"], clean)
+        triggered = make_triggered_eval_set(eval_split, attack, keys["trigger"])
+        before = evaluate_backdoor(lambda x: predict(variables, x), eval_split, triggered)
+        group = dataclasses.replace(spec, seeds=[seed])
+        result = run_sweep(model, variables, clean_split, config, group, chunk_size=chunk_size,
+                           mesh=mesh, num_classes=dataset.num_classes, progress=progress)
+        sweep_seconds += result.seconds
+        after = evaluate_members(model, variables, result.masks, eval_split, triggered,
+                                 member_chunk=result.chunk_size)
+        for index, (member, metrics) in enumerate(zip(group.members(), after)):
+            rows.append({"member": len(rows), **member, **metrics,
+                         **{f"before_{k}": before[k] for k in METRICS},
+                         "mask_mean": mask_statistics(result.member_mask(index))["mean"],
+                         "final_loss": float(result.history["loss"][-1, index])})
+    table = {"dataset": dataset.name, "attack": attack.name, "config": config.to_dict(),
+             "spec": {"grid": dict(spec.grid), "zip": dict(spec.zip), "seeds": list(spec.seeds)},
+             "clean_data": clean.to_dict(), "n_clean": len(clean_split),
+             "eval_size": len(eval_split), "sweep_seconds": sweep_seconds,
+             "seconds": time.perf_counter() - start, **(extra or {}), "rows": rows}
+    if out_dir is not None:
+        write_outputs(out_dir, table, spec.swept_names)
+    return table
+
+
+def write_outputs(out_dir: str | Path, table: dict[str, Any], swept: list[str]) -> list[Path]:
+    """``sweep.json``, ``sweep.csv``, and (when something is swept) the heatmaps and Pareto plot."""
+    out_dir = Path(out_dir)
+    meta = {k: v for k, v in table.items() if k != "rows"}
+    paths = list(report_lib.write_table(out_dir, table["rows"], meta))
+    axes = swept or ["seed"]
+    paths.append(report_lib.plot_heatmaps(table["rows"], axes, out_dir / report_lib.HEATMAP_PNG))
+    paths.append(report_lib.plot_pareto(table["rows"], out_dir / report_lib.PARETO_PNG,
+                                        label_names=swept))
+    return paths
+
+
+def sweep_checkpoint(checkpoint: str | Path, config: AWMConfig, spec: SweepSpec, *,
+                     dataset_source: str | None = None, **kwargs) -> dict[str, Any]:
+    """:func:`sweep_model` on a ``train-backdoor`` checkpoint (dataset and attack from its
+    metadata unless ``dataset_source`` overrides the dataset)."""
+    model, variables, metadata = load_model(checkpoint)
+    dataset = load_dataset(dataset_source or metadata["dataset"]["name"])
+    attack = create_attack(metadata["attack"]["name"], **metadata["attack"]["params"])
+    return sweep_model(model, variables, dataset, attack, config, spec,
+                       extra={"checkpoint": str(checkpoint)}, **kwargs)
+
+
+def print_table(table: dict[str, Any], swept: list[str]) -> str:
+    """A plain-text table of the rows, as the CLI prints it."""
+    columns = ["member", "seed", *swept, *METRICS]
+    lines = ["  ".join(f"{c:>8}" for c in columns)]
+    for row in table["rows"]:
+        lines.append("  ".join(f"{row[c]:>8.4g}" if isinstance(row[c], float) else
+                               f"{row[c]:>8}" for c in columns))
+    return "\n".join(lines)
+
