@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from awm_jax.checkpoint import _RESERVED_KEYS, _abstract_variables, load_model, save_model
+from awm_jax.serialization import write_atomic
 from awm_jax.types import Variables
 
 FORMATS = ("checkpoint", "npz", "safetensors")
@@ -78,20 +78,6 @@ def unflatten_variables(arrays: Mapping[str, np.ndarray], model: nn.Module,
                                             target)
 
 
-def _write_atomic(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
 def save_npz(variables: Variables, path: str | os.PathLike) -> Path:
     """Writes every variable to an uncompressed ``.npz`` under its path name."""
     arrays = flatten_variables(variables)
@@ -100,7 +86,7 @@ def save_npz(variables: Variables, path: str | os.PathLike) -> Path:
         with open(tmp, "wb") as handle:  # a file object: numpy adds no ".npz" to the name
             np.savez(handle, **arrays)
 
-    return _write_atomic(Path(path), write)
+    return write_atomic(Path(path), write)
 
 
 def save_safetensors(variables: Variables, path: str | os.PathLike,
@@ -115,7 +101,7 @@ def save_safetensors(variables: Variables, path: str | os.PathLike,
 
     arrays = flatten_variables(variables)
     metadata = None if model_spec is None else {MODEL_METADATA_KEY: json.dumps(model_spec)}
-    return _write_atomic(Path(path), lambda tmp: save_file(arrays, tmp, metadata=metadata))
+    return write_atomic(Path(path), lambda tmp: save_file(arrays, tmp, metadata=metadata))
 
 
 def load_npz(path: str | os.PathLike, model: nn.Module,

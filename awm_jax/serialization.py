@@ -8,7 +8,7 @@ import os
 import platform
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -44,22 +44,32 @@ def as_tuples(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: str | os.PathLike, data: Mapping[str, Any],
-                      sort_keys: bool = False) -> Path:
-    """Writes ``data`` as indented JSON through a temporary file, fsync and ``os.replace``, so a
-    crash leaves either the old file or the new one, never half of one."""
+def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Calls ``write(tmp_path)`` on a temporary file beside ``path``, then renames it onto
+    ``path``, so a crash leaves either the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=sort_keys, default=json_default)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     return path
+
+
+def write_json_atomic(path: str | os.PathLike, data: Mapping[str, Any],
+                      sort_keys: bool = False) -> Path:
+    """Writes ``data`` as indented JSON atomically (see :func:`write_atomic`), fsynced."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=sort_keys, default=json_default)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    return write_atomic(path, write)
