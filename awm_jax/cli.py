@@ -176,16 +176,15 @@ def _purify(args) -> dict:
 def _evaluate(args) -> dict:
     import jax
 
-    from awm_jax.attacks.base import create_attack
+    from awm_jax.attacks.base import create_attack, triggered_test_set
     from awm_jax.checkpoint import load_model
     from awm_jax.data.sources import load_dataset
-    from awm_jax.eval.metrics import (evaluate_backdoor, make_predict_fn,
-                                      make_triggered_eval_set)
+    from awm_jax.eval.metrics import evaluate_backdoor, make_predict_fn
 
     model, variables, metadata = load_model(args.checkpoint)
     dataset = load_dataset(args.dataset or metadata["dataset"]["name"])
     attack = create_attack(metadata["attack"]["name"], **metadata["attack"]["params"])
-    triggered = make_triggered_eval_set(dataset.test, attack, jax.random.key(args.seed))
+    triggered = triggered_test_set(dataset.test, attack, jax.random.key(args.seed))
     metrics = evaluate_backdoor(functools.partial(make_predict_fn(model), variables),
                                 dataset.test, triggered)
     print(json.dumps(metrics, indent=2))

@@ -16,13 +16,13 @@ from typing import Any
 
 import jax
 
-from awm_jax.attacks.base import Attack, create_attack
+from awm_jax.attacks.base import Attack, create_attack, triggered_test_set
 from awm_jax.checkpoint import load_model, save_model
 from awm_jax.data.clean_subset import CleanDataConfig, draw_clean_subset
 from awm_jax.data.dataset import ImageDataset
 from awm_jax.data.sources import load_dataset
 from awm_jax.defenses.base import get_defense
-from awm_jax.eval.metrics import evaluate_backdoor, make_predict_fn, make_triggered_eval_set
+from awm_jax.eval.metrics import evaluate_backdoor, make_predict_fn
 from awm_jax.eval.report import plot_history, summary_table, write_report
 
 REPORT_NAME = "report.json"
@@ -65,7 +65,7 @@ def purify_model(model, variables, dataset: ImageDataset, attack: Attack, *,
     clean_key, trigger_key, defense_key = jax.random.split(jax.random.key(seed), 3)
     clean_split, eval_split = draw_clean_subset(dataset.test, dataset.num_classes, clean_key,
                                                 clean)
-    triggered = make_triggered_eval_set(eval_split, attack, trigger_key)
+    triggered = triggered_test_set(eval_split, attack, trigger_key)
     predict = make_predict_fn(model)
 
     def evaluate(candidate):

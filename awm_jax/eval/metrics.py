@@ -17,9 +17,9 @@ from typing import Callable
 import jax
 import numpy as np
 
-from awm_jax.attacks.base import Attack, TriggeredTestSet, triggered_test_set
+from awm_jax.attacks.base import TriggeredTestSet
 from awm_jax.data.dataset import Split
-from awm_jax.types import Array, PRNGKey
+from awm_jax.types import Array
 
 PredictFn = Callable[[Array], Array]  # float32[B, H, W, C] -> int32[B] predicted classes
 
@@ -58,7 +58,7 @@ def evaluate_backdoor(predict: PredictFn, clean: Split, triggered: TriggeredTest
     Args:
       predict: jitted ``images -> predicted classes``.
       clean: the clean evaluation split.
-      triggered: the same images triggered (from :func:`make_triggered_eval_set`).
+      triggered: the same images triggered (from :func:`awm_jax.attacks.triggered_test_set`).
       batch_size: evaluation batch size.
 
     Returns:
@@ -67,11 +67,6 @@ def evaluate_backdoor(predict: PredictFn, clean: Split, triggered: TriggeredTest
     clean_pred = predict_in_batches(predict, clean.images, batch_size)
     trig_pred = predict_in_batches(predict, triggered.images, batch_size)
     return backdoor_metrics(clean_pred, clean.labels, trig_pred, triggered)
-
-
-def make_triggered_eval_set(clean: Split, attack: Attack, key: PRNGKey) -> TriggeredTestSet:
-    """The triggered version of every evaluation image (see :func:`triggered_test_set`)."""
-    return triggered_test_set(clean, attack, key)
 
 
 def make_predict_fn(model) -> Callable:

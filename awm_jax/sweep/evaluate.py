@@ -50,7 +50,7 @@ def evaluate_members(model, variables: Variables, masks: Mask, clean: Split,
       model, variables: the backdoored model (unmasked weights).
       masks: member masks, every leaf ``[M, ...]`` (e.g. :attr:`SweepResult.masks`).
       clean: clean evaluation images and labels.
-      triggered: the same images triggered (:func:`make_triggered_eval_set`).
+      triggered: the same images triggered (:func:`awm_jax.attacks.triggered_test_set`).
       batch_size: images per batch.
       member_chunk: members per predict call (default: all at once).
 

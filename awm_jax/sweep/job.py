@@ -14,14 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from awm_jax.attacks.base import Attack, create_attack
+from awm_jax.attacks.base import Attack, create_attack, triggered_test_set
 from awm_jax.checkpoint import load_model
 from awm_jax.data.clean_subset import CleanDataConfig, draw_clean_subset
 from awm_jax.data.dataset import ImageDataset
 from awm_jax.data.sources import load_dataset
 from awm_jax.defenses.awm.config import AWMConfig
 from awm_jax.defenses.awm.mask import mask_statistics
-from awm_jax.eval.metrics import evaluate_backdoor, make_predict_fn, make_triggered_eval_set
+from awm_jax.eval.metrics import evaluate_backdoor, make_predict_fn
 from awm_jax.sweep import report as report_lib
 from awm_jax.sweep.evaluate import evaluate_members
 from awm_jax.sweep.runner import run_sweep
@@ -49,7 +49,7 @@ def sweep_model(model, variables, dataset: ImageDataset, attack: Attack, config:
         keys = member_keys(seed)
         clean_split, eval_split = draw_clean_subset(dataset.test, dataset.num_classes,
                                                     keys["clean"], clean)
-        triggered = make_triggered_eval_set(eval_split, attack, keys["trigger"])
+        triggered = triggered_test_set(eval_split, attack, keys["trigger"])
         before = evaluate_backdoor(lambda x: predict(variables, x), eval_split, triggered)
         group = dataclasses.replace(spec, seeds=[seed])
         result = run_sweep(model, variables, clean_split, config, group, chunk_size=chunk_size,

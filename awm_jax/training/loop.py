@@ -27,10 +27,15 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from awm_jax.attacks.base import Attack, poison_training_set, validate_target
+from awm_jax.attacks.base import (
+    Attack,
+    poison_training_set,
+    triggered_test_set,
+    validate_target,
+)
 from awm_jax.checkpoint import METADATA_FILE, VARIABLES_DIR, save_model
 from awm_jax.data.dataset import ImageDataset, Split
-from awm_jax.eval.metrics import evaluate_backdoor, make_predict_fn, make_triggered_eval_set
+from awm_jax.eval.metrics import evaluate_backdoor, make_predict_fn
 from awm_jax.models import create_model
 from awm_jax.training.config import TrainConfig
 from awm_jax.training.optimizer import create_optimizer
@@ -141,7 +146,7 @@ def train_backdoored_model(dataset: ImageDataset, attack: Attack, config: TrainC
     poison_key, init_key, data_key, train_key, trigger_key = jax.random.split(
         jax.random.key(config.seed), 5)
     poisoned = poison_training_set(dataset.train, attack, poison_key, config.poison_rate)
-    triggered = make_triggered_eval_set(dataset.test, attack, trigger_key)
+    triggered = triggered_test_set(dataset.test, attack, trigger_key)
 
     model = create_model(config.model, dataset.num_classes, **config.model_kwargs)
     count = len(poisoned.split)

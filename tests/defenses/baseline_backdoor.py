@@ -9,13 +9,12 @@ from typing import NamedTuple
 
 import jax
 
-from awm_jax.attacks.base import create_attack
+from awm_jax.attacks.base import create_attack, triggered_test_set
 from awm_jax.data.clean_subset import CleanDataConfig, draw_clean_subset
 from awm_jax.data.sources import load_dataset
 from awm_jax.eval.metrics import (
     evaluate_backdoor,
     make_predict_fn,
-    make_triggered_eval_set,
 )
 from awm_jax.training.config import TrainConfig
 from awm_jax.training.loop import train_backdoored_model
@@ -43,7 +42,7 @@ def tiny_backdoor() -> Backdoor:
                                      poison_rate=0.1, seed=0), progress=False)
     clean, rest = draw_clean_subset(dataset.test, dataset.num_classes, jax.random.key(1),
                                     CleanDataConfig(n_clean=150))
-    triggered = make_triggered_eval_set(rest, attack, jax.random.key(2))
+    triggered = triggered_test_set(rest, attack, jax.random.key(2))
     predict = make_predict_fn(trained.model)
 
     def evaluate(variables):
