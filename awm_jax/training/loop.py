@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
+import shutil
 import time
 from typing import Any
 
@@ -37,6 +39,7 @@ from awm_jax.checkpoint import METADATA_FILE, VARIABLES_DIR, save_model
 from awm_jax.data.dataset import ImageDataset, Split
 from awm_jax.eval.metrics import evaluate_backdoor, make_predict_fn
 from awm_jax.models import create_model
+from awm_jax.run_checkpoint import RunCheckpointer
 from awm_jax.training.config import TrainConfig
 from awm_jax.training.optimizer import create_optimizer
 from awm_jax.training.state import TrainState, create_train_state
@@ -84,6 +87,24 @@ def _check_inputs(dataset: ImageDataset, attack: Attack, config: TrainConfig,
         raise ValueError(f"workdir {workdir} already holds a model; choose another directory.")
 
 
+def _split_digest(split: Split) -> str:
+    digest = hashlib.sha256(np.ascontiguousarray(split.images).tobytes())
+    digest.update(np.ascontiguousarray(split.labels).tobytes())
+    return digest.hexdigest()
+
+
+def _checkpointer(checkpoint_dir, dataset: ImageDataset, attack: Attack, config: TrainConfig,
+                  checkpoint_every: int, max_to_keep: int) -> RunCheckpointer:
+    # The data digest costs ~1 s for CIFAR-10; it is what stops a resume on other data.
+    fingerprint = {"dataset": dataset.name, "train_sha256": _split_digest(dataset.train),
+                   "test_sha256": _split_digest(dataset.test), "attack": attack.name,
+                   "attack_params": dict(attack.params)}
+    return RunCheckpointer(checkpoint_dir, kind="training", unit="epochs",
+                           config=config.to_dict(), fingerprint=fingerprint,
+                           total_steps=config.epochs, checkpoint_every=checkpoint_every,
+                           max_to_keep=max_to_keep)
+
+
 def _epoch_order(data_key: PRNGKey, epoch: int, count: int, steps: int,
                  batch_size: int) -> np.ndarray:
     """``steps * batch_size`` indices: a fresh permutation, wrapped around to fill the last batch.
@@ -112,13 +133,22 @@ def _run_epoch(train_step, state: TrainState, split: Split, order: np.ndarray, b
 
 def train_backdoored_model(dataset: ImageDataset, attack: Attack, config: TrainConfig, *,
                            workdir: str | os.PathLike | None = None, progress: bool = True,
-                           eval_every: int = 0) -> TrainResult:
+                           eval_every: int = 0,
+                           checkpoint_dir: str | os.PathLike | None = None,
+                           checkpoint_every: int = 1, resume: bool = False,
+                           max_to_keep: int = 2, keep_checkpoints: bool = True) -> TrainResult:
     """Poisons ``dataset.train`` with ``attack`` and trains ``config.model`` on it.
 
     Keys: ``jax.random.key(config.seed)`` is split into ``poison`` (which images, trigger
     randomness), ``init`` (parameters), ``data`` (per-epoch order, folded with the epoch),
     ``train`` (augmentation and dropout, folded with the step inside the step function) and
     ``trigger`` (the triggered test set).
+
+    With ``checkpoint_dir``, the whole training state (parameters, batch statistics, optimiser
+    state and step counter) and the history are saved with orbax every ``checkpoint_every``
+    epochs; ``resume=True`` continues from the newest checkpoint there. Since every epoch's data
+    order is ``fold_in(data, epoch)`` and every step's augmentation is ``fold_in(train, step)``,
+    a run killed at any moment and resumed ends bit-identical to an uninterrupted one.
 
     Args:
       dataset: the clean dataset; its train split is poisoned, its test split evaluates.
@@ -128,18 +158,29 @@ def train_backdoored_model(dataset: ImageDataset, attack: Attack, config: TrainC
       progress: show a tqdm progress bar over the training steps.
       eval_every: also evaluate on the test split every this many epochs (0: only at the end,
         which always happens).
+      checkpoint_dir: where to checkpoint the run in progress (``None``: no checkpoints).
+      checkpoint_every: epochs between checkpoints (the last epoch is always saved).
+      resume: continue from the newest checkpoint in ``checkpoint_dir`` (a fresh start if it
+        holds none).
+      max_to_keep: checkpoints kept in ``checkpoint_dir``.
+      keep_checkpoints: with ``workdir``, keep ``checkpoint_dir`` after the final model is saved
+        (``False`` deletes it then, since the saved model supersedes it).
 
     Returns:
       A :class:`TrainResult`.
 
     Raises:
       ValueError: the attack's target is not a class of ``dataset``, ``batch_size`` exceeds the
-        training set, ``eval_every`` < 0, or ``workdir`` already holds a model.
+        training set, ``eval_every`` < 0, ``workdir`` already holds a model, ``resume`` without
+        ``checkpoint_dir``, checkpoints in ``checkpoint_dir`` without ``resume``, or a checkpoint
+        written with another config or data.
       FloatingPointError: the mean training loss of an epoch is NaN or Inf.
     """
     if eval_every < 0:
         raise ValueError(f"eval_every must be >= 0 (0: evaluate only at the end); got "
                          f"{eval_every}.")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs a checkpoint_dir to resume from; got None.")
     workdir = None if workdir is None else os.fspath(workdir)
     _check_inputs(dataset, attack, config, workdir)
     start = time.perf_counter()
@@ -162,12 +203,46 @@ def train_backdoored_model(dataset: ImageDataset, attack: Attack, config: TrainC
         return evaluate_backdoor(functools.partial(predict, variables), dataset.test, triggered,
                                  config.eval_batch_size)
 
-    history, metrics = [], {}
+    history, metrics, first_epoch = [], {}, 0
+    checkpointer = None
+    if checkpoint_dir is not None:
+        checkpointer = _checkpointer(checkpoint_dir, dataset, attack, config, checkpoint_every,
+                                     max_to_keep)
+        restored = checkpointer.start(state, resume)
+        if restored is not None:
+            state, meta = restored
+            history, first_epoch = list(meta["history"]), meta["step"]
+            start -= meta["seconds"]  # wall time before the interruption counts too
+    try:
+        state, history, metrics = _train_epochs(
+            train_step, evaluate, state, poisoned.split, data_key, train_key, schedule, config,
+            steps, first_epoch, history, eval_every, checkpointer, start, progress)
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
+
+    result = TrainResult(model=model, variables=state.variables, metrics=metrics,
+                         history=history, seconds=time.perf_counter() - start, config=config,
+                         poisoned_indices=np.flatnonzero(poisoned.poisoned))
+    if workdir is not None:
+        save_result(workdir, result, dataset, attack)
+        if checkpoint_dir is not None and not keep_checkpoints:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return result
+
+
+def _train_epochs(train_step, evaluate, state: TrainState, split: Split, data_key: PRNGKey,
+                  train_key: PRNGKey, schedule, config: TrainConfig, steps: int,
+                  first_epoch: int, history: list[dict], eval_every: int,
+                  checkpointer: RunCheckpointer | None, start: float, progress: bool):
+    """Epochs ``first_epoch..config.epochs-1``; returns the state, history and final metrics."""
+    metrics = {}
+    count = len(split)
     with tqdm(total=config.epochs * steps, desc=f"train {config.model}", unit="step",
-              disable=not progress) as bar:
-        for epoch in range(config.epochs):
+              initial=first_epoch * steps, disable=not progress) as bar:
+        for epoch in range(first_epoch, config.epochs):
             order = _epoch_order(data_key, epoch, count, steps, config.batch_size)
-            state, summary = _run_epoch(train_step, state, poisoned.split, order,
+            state, summary = _run_epoch(train_step, state, split, order,
                                         config.batch_size, train_key, bar)
             if not math.isfinite(summary["loss"]):
                 raise FloatingPointError(
@@ -180,15 +255,14 @@ def train_backdoored_model(dataset: ImageDataset, attack: Attack, config: TrainC
             summary.update(epoch=epoch + 1, lr=float(schedule((epoch + 1) * steps - 1)),
                            seconds=time.perf_counter() - start)
             history.append(summary)
+            if checkpointer is not None:
+                checkpointer.maybe_save(epoch + 1, state, {
+                    "history": history, "seconds": time.perf_counter() - start})
             bar.set_postfix(epoch=epoch + 1, loss=f"{summary['loss']:.3f}",
                             acc=f"{summary['train_acc']:.3f}")
-
-    result = TrainResult(model=model, variables=state.variables, metrics=metrics,
-                         history=history, seconds=time.perf_counter() - start, config=config,
-                         poisoned_indices=np.flatnonzero(poisoned.poisoned))
-    if workdir is not None:
-        save_result(workdir, result, dataset, attack)
-    return result
+    if not metrics:  # resumed after the last epoch: the metrics were saved with it
+        metrics = {k: history[-1][k] for k in ("acc", "asr", "asr_all", "ra")}
+    return state, history, metrics
 
 
 def training_metadata(result: TrainResult, dataset: ImageDataset,

@@ -3,12 +3,7 @@
 import dataclasses
 import importlib.util
 import math
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import jax
@@ -17,14 +12,12 @@ import numpy as np
 import pytest
 
 from awm_jax.defenses.awm import runner
+from tests.kill_and_resume import finished_steps, kill_after_checkpoint
 
 _CHILD = Path(__file__).with_name("awm_resume_child.py")
 _spec = importlib.util.spec_from_file_location("awm_resume_child", _CHILD)
 child = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(child)
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
 
 class _Interrupt(Exception):
     """Stands in for a kill in the in-process tests."""
@@ -33,11 +26,6 @@ class _Interrupt(Exception):
 @pytest.fixture(scope="module")
 def uninterrupted():
     return child.run()
-
-
-def _steps(workdir) -> list[int]:
-    """Finished checkpoints: orbax renames a step's directory to its number when complete."""
-    return sorted(int(name) for name in os.listdir(workdir) if name.isdigit())
 
 
 def _assert_same_run(a, b):
@@ -53,37 +41,17 @@ def _assert_same_run(a, b):
 
 
 def _kill_after_two_checkpoints(workdir: Path) -> None:
-    env = {**os.environ, "AWM_TEST_EPOCH_SLEEP": "0.5", "JAX_PLATFORMS": "cpu"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT),
-                                                      env.get("PYTHONPATH")]))
-    process = subprocess.Popen([sys.executable, str(_CHILD), str(workdir)], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 180
-        while not (workdir.is_dir() and _steps(workdir) and _steps(workdir)[-1] >= 2):
-            if process.poll() is not None:
-                pytest.fail(f"child exited early ({process.returncode}): "
-                            f"{process.stderr.read().decode()[-2000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail("child wrote no second checkpoint within 180 s")
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == -signal.SIGKILL, "the child finished before it was killed"
+    kill_after_checkpoint(_CHILD, workdir, 2, env={"AWM_TEST_EPOCH_SLEEP": "0.5"})
 
 
 def test_run_killed_with_sigkill_resumes_bit_identically(tmp_path, uninterrupted):
     workdir = tmp_path / "awm"
     _kill_after_two_checkpoints(workdir)
-    done = _steps(workdir)
+    done = finished_steps(workdir)
     assert 2 <= done[-1] < child.CONFIG.outer_epochs and len(done) <= 2  # max_to_keep=2
     resumed = child.run(workdir=workdir, resume=True)
     _assert_same_run(resumed, uninterrupted)
-    assert _steps(workdir)[-1] == child.CONFIG.outer_epochs
+    assert finished_steps(workdir)[-1] == child.CONFIG.outer_epochs
 
 
 @pytest.mark.parametrize("selection", [
@@ -99,14 +67,14 @@ def test_selection_bookkeeping_survives_a_resume(tmp_path, selection):
     full = child.run(config)
     with pytest.raises(_Interrupt):
         child.run(config, workdir=tmp_path, on_epoch=stop_after_epoch_2)
-    assert _steps(tmp_path) == [1, 2]
+    assert finished_steps(tmp_path) == [1, 2]
     _assert_same_run(child.run(config, workdir=tmp_path, resume=True), full)
 
 
 def test_resume_without_a_checkpoint_starts_fresh(tmp_path, uninterrupted):
     _assert_same_run(child.run(workdir=tmp_path / "empty", resume=True, checkpoint_every=4),
                      uninterrupted)
-    assert _steps(tmp_path / "empty") == [4, 6]  # every 4th epoch and the last
+    assert finished_steps(tmp_path / "empty") == [4, 6]  # every 4th epoch and the last
 
 
 def test_resume_with_another_config_names_the_fields(tmp_path):
@@ -132,7 +100,7 @@ def test_infinite_loss_stops_with_floating_point_error(tmp_path):
     config = dataclasses.replace(child.CONFIG, gamma=1e38, outer_epochs=2)
     with pytest.raises(FloatingPointError, match="epoch 1: non-finite loss=inf.*no checkpoint"):
         child.run(config, workdir=tmp_path)
-    assert _steps(tmp_path) == []
+    assert finished_steps(tmp_path) == []
 
 
 def test_late_divergence_names_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -149,7 +117,7 @@ def test_late_divergence_names_and_keeps_the_last_good_checkpoint(tmp_path, monk
                        match=f"epoch 3: non-finite loss=nan.*{re.escape(str(tmp_path / '2'))} "
                              r"\(kept\)"):
         child.run(workdir=tmp_path, max_to_keep=1)
-    assert _steps(tmp_path) == [2]
+    assert finished_steps(tmp_path) == [2]
 
 
 def test_defense_interface_passes_checkpointing_through(tmp_path, uninterrupted):
@@ -158,7 +126,7 @@ def test_defense_interface_passes_checkpointing_through(tmp_path, uninterrupted)
     model, variables, clean = child.setup()
     result = purify("awm", model, variables, clean, jax.random.key(2), child.CONFIG,
                     progress=False, workdir=tmp_path, checkpoint_every=3, resume=True)
-    assert _steps(tmp_path) == [3, 6]
+    assert finished_steps(tmp_path) == [3, 6]
     assert result.history == uninterrupted.history
     with pytest.raises(ValueError, match="needs a workdir"):
         child.run(resume=True)
