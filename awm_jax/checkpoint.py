@@ -106,6 +106,13 @@ def _metadata_record(model_name: str, model_kwargs: Mapping[str, Any], num_class
         raise ValueError(f"model_kwargs and metadata must be JSON-serialisable: {err}.") from err
 
 
+def _brief(err: Exception, limit: int = 300) -> str:
+    """The first line of an orbax/TensorStore error (their full text dumps the whole spec)."""
+    text = (str(err).strip().splitlines() or [""])[0]
+    text = text.split(" See full TensorStore details")[0]
+    return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
 def _build_model(spec: Mapping[str, Any], directory: str) -> nn.Module:
     try:
         return create_model(spec["name"], int(spec["num_classes"]), **as_tuples(spec["kwargs"]))
@@ -181,7 +188,8 @@ def load_metadata(directory: str | os.PathLike) -> dict[str, Any]:
     """
     directory = os.path.abspath(os.fspath(directory))
     if not os.path.isdir(directory):
-        raise ValueError(f"model directory {directory} does not exist.")
+        raise ValueError(f"model directory {directory} does not exist; pass a directory "
+                         "written by save_model (awm-jax train-backdoor --out DIR).")
     path = os.path.join(directory, METADATA_FILE)
     if not os.path.isfile(path):
         raise ValueError(f"{directory} has no {METADATA_FILE}: it is not a model directory, or "
@@ -220,15 +228,18 @@ def load_model(directory: str | os.PathLike) -> tuple[nn.Module, Variables, dict
     target = _abstract_variables(model, metadata["model"]["image_shape"])
     path = os.path.join(directory, VARIABLES_DIR)
     if not os.path.isdir(path):
-        raise ValueError(f"{directory} has {METADATA_FILE} but no {VARIABLES_DIR}/ checkpoint.")
+        raise ValueError(f"{directory} has {METADATA_FILE} but no {VARIABLES_DIR}/ checkpoint; "
+                         "the directory is incomplete: save the model again.")
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
         try:
             stored = checkpointer.metadata(path).item_metadata
         except Exception as err:  # orbax/tensorstore raise many types; report them in one place.
-            raise ValueError(f"the checkpoint in {path} is unreadable or corrupt: {err}") from err
+            raise ValueError(f"the checkpoint in {path} is unreadable or corrupt; save the "
+                             f"model again or restore it from a copy: {_brief(err)}") from err
         if stored is None:  # orbax logs a warning and returns no tree when its files are bad.
             raise ValueError(f"the checkpoint in {path} is truncated or corrupt: orbax could not "
-                             "read its array metadata.")
+                             "read its array metadata. Save the model again or restore it from "
+                             "a copy.")
         stored = stored.tree
         problems = _describe_mismatch(target, stored)
         if problems:
@@ -236,9 +247,11 @@ def load_model(directory: str | os.PathLike) -> tuple[nn.Module, Variables, dict
         try:
             variables = checkpointer.restore(path, args=ocp.args.StandardRestore(target))
         except Exception as err:
-            raise ValueError(f"the checkpoint in {path} is truncated or corrupt: {err}") from err
+            raise ValueError(f"the checkpoint in {path} is truncated or corrupt; save the "
+                             f"model again or restore it from a copy: {_brief(err)}") from err
     expected = metadata.get("variables_sha256")
     if expected is not None and variables_digest(variables) != expected:
         raise ValueError(f"the checkpoint in {path} is corrupt: its arrays do not match the "
-                         f"SHA-256 recorded in {METADATA_FILE}.")
+                         f"SHA-256 recorded in {METADATA_FILE}. Restore it from a copy or save "
+                         "the model again.")
     return model, variables, metadata

@@ -35,21 +35,32 @@ def validate_images(images: ArrayLike, name: str = "images") -> np.ndarray:
     """
     array = np.asarray(images)
     if array.ndim != 4:
+        hint = (" For greyscale [N, H, W] images add a channel axis: images[..., None]."
+                if array.ndim == 3 else "")
         raise ValueError(
-            f"{name} must have rank 4 [N, H, W, C] (NHWC); got shape {array.shape}.")
+            f"{name} must have rank 4 [N, H, W, C] (NHWC); got shape {array.shape}.{hint}")
     if not np.issubdtype(array.dtype, np.floating):
         raise ValueError(
             f"{name} must be floating point in [0, 1]; got dtype {array.dtype}. "
             "Divide uint8 images by 255.")
     if array.shape[0] == 0:
-        raise ValueError(f"{name} is empty (shape {array.shape}).")
-    if not np.all(np.isfinite(array)):
-        raise ValueError(f"{name} contains NaN or Inf values.")
+        raise ValueError(f"{name} is empty (shape {array.shape}); at least one image is needed.")
+    finite = np.isfinite(array)
+    if not np.all(finite):
+        bad = int(np.sum(~np.all(finite.reshape(array.shape[0], -1), axis=1)))
+        raise ValueError(f"{name} contains NaN or Inf values in {bad} of {array.shape[0]} "
+                         "images; fix or drop those images.")
     low, high = float(array.min()), float(array.max())
     if low < 0.0 or high > 1.0:
+        if low < 0.0:
+            hint = (" Pass raw pixels; normalisation belongs inside the model (its mean/std) so "
+                    "that triggers act on pixels.")
+        elif high > 2.0:
+            hint = " These look like 0..255 pixels: divide by 255."
+        else:
+            hint = " Clip them to [0, 1]."
         raise ValueError(
-            f"{name} must lie in [0, 1]; got values in [{low:.4g}, {high:.4g}]. "
-            "Normalisation belongs inside the model so that triggers act on pixels.")
+            f"{name} must lie in [0, 1]; got values in [{low:.4g}, {high:.4g}].{hint}")
     return array.astype(np.float32, copy=False)
 
 
@@ -68,14 +79,18 @@ def validate_labels(labels: ArrayLike, num_classes: int, count: int | None = Non
     """
     array = np.asarray(labels)
     if array.ndim != 1:
-        raise ValueError(f"{name} must have rank 1 [N]; got shape {array.shape}.")
+        raise ValueError(f"{name} must have rank 1 [N] of class indices; got shape "
+                         f"{array.shape} (one-hot labels: take argmax over the last axis).")
     if count is not None and array.shape[0] != count:
-        raise ValueError(f"{name} has {array.shape[0]} entries but there are {count} images.")
+        raise ValueError(f"{name} has {array.shape[0]} entries but there are {count} images; "
+                         "pass exactly one label per image.")
     if not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"{name} must be integers; got dtype {array.dtype}.")
+        raise ValueError(f"{name} must be integer class indices; got dtype {array.dtype} "
+                         "(cast with .astype(int) if they are whole numbers).")
     if array.size and (array.min() < 0 or array.max() >= num_classes):
         bad = array[(array < 0) | (array >= num_classes)]
         raise ValueError(
             f"{name} must lie in [0, {num_classes}); found {bad.size} out of range, "
-            f"e.g. {int(bad[0])}.")
+            f"e.g. {int(bad[0])}. Labels are class indices: remap them to 0..{num_classes - 1} "
+            "or check num_classes.")
     return array.astype(np.int32, copy=False)

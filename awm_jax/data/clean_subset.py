@@ -73,9 +73,12 @@ def draw_clean_subset(pool: Split, num_classes: int, key: PRNGKey, config: Clean
       remaining images, which are disjoint from them and serve as the evaluation set.
 
     Raises:
-      ValueError: the pool has fewer images than asked, or a class has fewer than
+      ValueError: the pool is empty or has fewer images than asked, or a class has fewer than
         ``per_class`` images.
     """
+    if len(pool) == 0:
+        raise ValueError("the pool of clean images is empty; the defender's images are drawn "
+                         "from the test split, which must hold at least one image per class.")
     draw_key, augment_key = jax.random.split(key)
     rng = np.random.default_rng(np.asarray(jax.random.key_data(draw_key)).ravel())
     if config.per_class is not None:
@@ -85,13 +88,15 @@ def draw_clean_subset(pool: Split, num_classes: int, key: PRNGKey, config: Clean
             if members.size < config.per_class:
                 raise ValueError(
                     f"class {label} has {members.size} image(s) in the pool but per_class="
-                    f"{config.per_class} were asked.")
+                    f"{config.per_class} were asked; lower per_class, draw n_clean images "
+                    "instead, or use a pool that holds every class.")
             chosen.append(rng.choice(members, config.per_class, replace=False))
         indices = np.sort(np.concatenate(chosen))
     else:
         if config.n_clean > len(pool):
             raise ValueError(
-                f"n_clean={config.n_clean} is larger than the pool of {len(pool)} images.")
+                f"n_clean={config.n_clean} is larger than the pool of {len(pool)} images; "
+                f"use n_clean <= {len(pool)} or a larger pool.")
         indices = np.sort(rng.choice(len(pool), config.n_clean, replace=False))
     rest = np.setdiff1d(np.arange(len(pool)), indices)
     clean = pool.subset(indices)

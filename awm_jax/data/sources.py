@@ -35,7 +35,7 @@ def load_dataset(source: str | os.PathLike, **kwargs) -> ImageDataset:
       **kwargs: passed to the loader: ``size`` for digits; ``image_size``, ``cache``, ``progress``
         for folders/archives; ``class_names``, ``num_classes``, ``pixel_scale``, ``image_size``
         for array files; ``data_dir``, ``download``, ``train_split``, ``test_split``,
-        ``image_size``, ``cache``, ``progress`` for TFDS.
+        ``image_size``, ``cache``, ``progress`` for TFDS (the others ignore ``download``).
 
     Returns:
       The dataset, validated against the batch contract of :mod:`awm_jax.types`.
@@ -50,14 +50,15 @@ def load_dataset(source: str | os.PathLike, **kwargs) -> ImageDataset:
         from awm_jax.data.tfds_source import load_tfds
 
         return load_tfds(text[len(TFDS_PREFIX):], **kwargs)
+    local_kwargs = {k: v for k, v in kwargs.items() if k != "download"}  # nothing to fetch.
     if text in EMBEDDED_DATASETS:
-        return EMBEDDED_DATASETS[text](**kwargs)
+        return EMBEDDED_DATASETS[text](**local_kwargs)
     sized_digits = re.fullmatch(r"digits(\d+)", text)
     if sized_digits:
-        return load_digits(size=int(sized_digits.group(1)), **kwargs)
+        return load_digits(size=int(sized_digits.group(1)), **local_kwargs)
     path = Path(text).expanduser()
     if path.exists():
-        return _load_path(path, **kwargs)
+        return _load_path(path, **local_kwargs)
     tried = [f"no file or directory {str(path.resolve())!r}",
              f"not an embedded dataset ({', '.join(sorted(EMBEDDED_DATASETS))})"]
     if _looks_like_path(text):

@@ -79,8 +79,9 @@ def load_tfds(name: str, *, data_dir: str | os.PathLike | None = None, download:
         if not download:
             raise ValueError(
                 f"TFDS dataset {name!r} is not prepared in {builder.data_dir}. Pass download=True "
-                f"(needs internet access and {INSTALL_HINT}), point data_dir= at a directory "
-                f"where it is prepared, {LOCAL_HINT}.")
+                f"(CLI: awm-jax train-backdoor --download; needs internet access and "
+                f"{INSTALL_HINT}), point data_dir= (or TFDS_DATA_DIR) at a directory where it is "
+                f"prepared, {LOCAL_HINT}.")
         _prepare(builder, name)
     info = builder.info
     image_key, label_key = _feature_keys(info, name, image_key, label_key)

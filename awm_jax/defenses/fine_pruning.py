@@ -116,7 +116,8 @@ class FPConfig(ConfigDictMixin):
         the unpruned model's (paper: 0.04).
       max_prune_ratio: never prune more than this fraction of the layer's channels (ours: 0.9).
       learning_rate, momentum, weight_decay, epochs, batch_size, crop_padding, flip, nesterov:
-        the fine-tuning after pruning, as :class:`~awm_jax.defenses.finetune.FTConfig`.
+        the fine-tuning after pruning, as :class:`~awm_jax.defenses.finetune.FTConfig`;
+        ``epochs=0`` prunes without fine-tuning (the paper's pruning-only baseline).
     """
 
     acc_drop: float = 0.04
@@ -135,7 +136,7 @@ class FPConfig(ConfigDictMixin):
             raise ValueError(f"acc_drop must be in [0, 1]; got {self.acc_drop}.")
         if not 0.0 <= self.max_prune_ratio < 1.0:
             raise ValueError(f"max_prune_ratio must be in [0, 1); got {self.max_prune_ratio}.")
-        check_fields(self)
+        check_fields(self, allow_zero_epochs=True)
 
     def hparams(self) -> FPHparams:
         return FPHparams(jnp.asarray(self.acc_drop, jnp.float32),

@@ -178,13 +178,17 @@ def check_positive(name: str, value, allow_zero: bool = False) -> None:
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}; got {value}.")
 
 
-def check_fields(config) -> None:
-    """Shared range checks for the SGD fields of FT, FP and NAD configs."""
+def check_fields(config, allow_zero_epochs: bool = False) -> None:
+    """Shared range checks for the SGD fields of FT, FP and NAD configs.
+
+    ``epochs`` must be >= 1 (zero epochs of fine-tuning is no defense at all) unless
+    ``allow_zero_epochs``, which FP uses for its prune-only variant.
+    """
     check_positive("learning_rate", config.learning_rate)
     if not 0.0 <= config.momentum < 1.0:
         raise ValueError(f"momentum must be in [0, 1); got {config.momentum}.")
     check_positive("weight_decay", config.weight_decay, allow_zero=True)
-    check_positive("epochs", config.epochs, allow_zero=True)
+    check_positive("epochs", config.epochs, allow_zero=allow_zero_epochs)
     check_positive("batch_size", config.batch_size)
     check_positive("crop_padding", config.crop_padding, allow_zero=True)
 

@@ -139,7 +139,7 @@ class NADConfig(ConfigDictMixin):
         check_fields(self)
         check_positive("beta", self.beta, allow_zero=True)
         check_positive("power", self.power)
-        check_positive("teacher_epochs", self.teacher_epochs, allow_zero=True)
+        check_positive("teacher_epochs", self.teacher_epochs)
         check_positive("teacher_learning_rate", self.teacher_learning_rate)
         if self.layers is not None:
             if isinstance(self.layers, str) or not self.layers:

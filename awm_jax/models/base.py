@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from awm_jax.registry import Registry
@@ -50,6 +51,28 @@ def init_variables(model: nn.Module, key: PRNGKey, image_shape: Sequence[int]) -
     dummy = jnp.zeros((1, *image_shape), jnp.float32)
     variables = model.init(key, dummy, train=False)
     return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
+def check_images_fit(model: nn.Module, variables: Variables, image_shape: Sequence[int],
+                     name: str = "images") -> None:
+    """Checks, without computing anything, that ``model`` runs on images of ``image_shape``.
+
+    A dataset of another size or channel count than the one a model was trained on otherwise
+    fails deep inside flax (a parameter shape error) or, for models that pool globally, not at all.
+
+    Raises:
+      ValueError: the model's variables do not accept ``(1, *image_shape)`` inputs.
+    """
+    dummy = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    try:
+        jax.eval_shape(lambda v, x: model.apply(v, x, train=False), dict(variables), dummy)
+    except Exception as err:  # flax raises several scope and shape errors; report them as one.
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(
+            f"{name} of shape {tuple(image_shape)} (H, W, C) do not fit the model "
+            f"{type(model).__name__} ({type(err).__name__}: {first_line}). Use images of the "
+            "size and channel count it was trained on (resize with image_size= when loading).") \
+            from err
 
 
 def apply_model(model: nn.Module, params, batch_stats, images: Array, train: bool = False,
