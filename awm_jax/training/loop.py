@@ -29,19 +29,15 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from awm_jax.attacks.base import (
-    Attack,
-    poison_training_set,
-    triggered_test_set,
-    validate_target,
-)
+from awm_jax.attacks.base import Attack, triggered_test_set, validate_target
 from awm_jax.checkpoint import METADATA_FILE, VARIABLES_DIR, save_model
 from awm_jax.data.dataset import ImageDataset, Split
-from awm_jax.eval.metrics import evaluate_backdoor, make_predict_fn
+from awm_jax.eval.metrics import evaluate_backdoor, make_predict_fn, predict_in_batches
 from awm_jax.models import create_model
 from awm_jax.run_checkpoint import RunCheckpointer
 from awm_jax.training.config import TrainConfig
 from awm_jax.training.optimizer import create_optimizer
+from awm_jax.training.poisoning import WANET_CROSS_RATIO, make_training_set
 from awm_jax.training.state import TrainState, create_train_state
 from awm_jax.training.steps import make_train_step
 from awm_jax.types import PRNGKey, Variables
@@ -73,9 +69,9 @@ class TrainResult:
     poisoned_indices: np.ndarray
 
 
-def _check_inputs(dataset: ImageDataset, attack: Attack, config: TrainConfig,
+def _check_inputs(dataset: ImageDataset, attack: Attack | None, config: TrainConfig,
                   workdir: str | None) -> None:
-    if attack.target is not None:
+    if attack is not None and attack.target is not None:
         validate_target(attack.target, dataset.num_classes)
     if config.batch_size > len(dataset.train):
         raise ValueError(f"batch_size={config.batch_size} exceeds the {len(dataset.train)} "
@@ -93,12 +89,15 @@ def _split_digest(split: Split) -> str:
     return digest.hexdigest()
 
 
-def _checkpointer(checkpoint_dir, dataset: ImageDataset, attack: Attack, config: TrainConfig,
-                  checkpoint_every: int, max_to_keep: int) -> RunCheckpointer:
-    # The data digest costs ~1 s for CIFAR-10; it is what stops a resume on other data.
-    fingerprint = {"dataset": dataset.name, "train_sha256": _split_digest(dataset.train),
-                   "test_sha256": _split_digest(dataset.test), "attack": attack.name,
-                   "attack_params": dict(attack.params)}
+def _checkpointer(checkpoint_dir, dataset: ImageDataset, poisoned: Split, attack: Attack | None,
+                  config: TrainConfig, checkpoint_every: int,
+                  max_to_keep: int) -> RunCheckpointer:
+    # The data digests cost ~2 s for CIFAR-10; they are what stops a resume on other data (or
+    # other poison, e.g. CLB against another clean model).
+    fingerprint = {"dataset": dataset.name, "train_sha256": _split_digest(poisoned),
+                   "test_sha256": _split_digest(dataset.test),
+                   "attack": None if attack is None else attack.name,
+                   "attack_params": {} if attack is None else dict(attack.params)}
     return RunCheckpointer(checkpoint_dir, kind="training", unit="epochs",
                            config=config.to_dict(), fingerprint=fingerprint,
                            total_steps=config.epochs, checkpoint_every=checkpoint_every,
@@ -131,12 +130,14 @@ def _run_epoch(train_step, state: TrainState, split: Split, order: np.ndarray, b
                    "train_acc": float(np.mean([m["accuracy"] for m in step_metrics]))}
 
 
-def train_backdoored_model(dataset: ImageDataset, attack: Attack, config: TrainConfig, *,
+def train_backdoored_model(dataset: ImageDataset, attack: Attack | None, config: TrainConfig, *,
                            workdir: str | os.PathLike | None = None, progress: bool = True,
                            eval_every: int = 0,
                            checkpoint_dir: str | os.PathLike | None = None,
                            checkpoint_every: int = 1, resume: bool = False,
-                           max_to_keep: int = 2, keep_checkpoints: bool = True) -> TrainResult:
+                           max_to_keep: int = 2, keep_checkpoints: bool = True,
+                           clean_logits_fn=None,
+                           cross_ratio: float = WANET_CROSS_RATIO) -> TrainResult:
     """Poisons ``dataset.train`` with ``attack`` and trains ``config.model`` on it.
 
     Keys: ``jax.random.key(config.seed)`` is split into ``poison`` (which images, trigger
@@ -152,7 +153,8 @@ def train_backdoored_model(dataset: ImageDataset, attack: Attack, config: TrainC
 
     Args:
       dataset: the clean dataset; its train split is poisoned, its test split evaluates.
-      attack: the backdoor attack (see :func:`awm_jax.attacks.create_attack`).
+      attack: the backdoor attack (see :func:`awm_jax.attacks.create_attack`), or ``None`` to
+        train a clean model (its metrics are then ``{"acc"}`` only).
       config: model, optimiser, schedule, augmentation, poison rate and seed.
       workdir: if given, the final model is saved there with :func:`save_result`.
       progress: show a tqdm progress bar over the training steps.
@@ -165,6 +167,9 @@ def train_backdoored_model(dataset: ImageDataset, attack: Attack, config: TrainC
       max_to_keep: checkpoints kept in ``checkpoint_dir``.
       keep_checkpoints: with ``workdir``, keep ``checkpoint_dir`` after the final model is saved
         (``False`` deletes it then, since the saved model supersedes it).
+      clean_logits_fn: a clean model's ``images -> logits``; CLB's poison is perturbed against
+        it (see :func:`awm_jax.training.poisoning.make_training_set`).
+      cross_ratio: WaNet noise-mode images per poisoned image.
 
     Returns:
       A :class:`TrainResult`.
@@ -186,8 +191,10 @@ def train_backdoored_model(dataset: ImageDataset, attack: Attack, config: TrainC
     start = time.perf_counter()
     poison_key, init_key, data_key, train_key, trigger_key = jax.random.split(
         jax.random.key(config.seed), 5)
-    poisoned = poison_training_set(dataset.train, attack, poison_key, config.poison_rate)
-    triggered = triggered_test_set(dataset.test, attack, trigger_key)
+    poisoned = make_training_set(dataset.train, attack, poison_key, config.poison_rate,
+                                 clean_logits_fn=clean_logits_fn, cross_ratio=cross_ratio)
+    triggered = None if attack is None else triggered_test_set(dataset.test, attack,
+                                                               trigger_key)
 
     model = create_model(config.model, dataset.num_classes, **config.model_kwargs)
     count = len(poisoned.split)
@@ -200,14 +207,18 @@ def train_backdoored_model(dataset: ImageDataset, attack: Attack, config: TrainC
     predict = make_predict_fn(model)
 
     def evaluate(variables):
+        if triggered is None:
+            predictions = predict_in_batches(functools.partial(predict, variables),
+                                             dataset.test.images, config.eval_batch_size)
+            return {"acc": float(np.mean(predictions == dataset.test.labels))}
         return evaluate_backdoor(functools.partial(predict, variables), dataset.test, triggered,
                                  config.eval_batch_size)
 
     history, metrics, first_epoch = [], {}, 0
     checkpointer = None
     if checkpoint_dir is not None:
-        checkpointer = _checkpointer(checkpoint_dir, dataset, attack, config, checkpoint_every,
-                                     max_to_keep)
+        checkpointer = _checkpointer(checkpoint_dir, dataset, poisoned.split, attack, config,
+                                     checkpoint_every, max_to_keep)
         restored = checkpointer.start(state, resume)
         if restored is not None:
             state, meta = restored
@@ -261,18 +272,20 @@ def _train_epochs(train_step, evaluate, state: TrainState, split: Split, data_ke
             bar.set_postfix(epoch=epoch + 1, loss=f"{summary['loss']:.3f}",
                             acc=f"{summary['train_acc']:.3f}")
     if not metrics:  # resumed after the last epoch: the metrics were saved with it
-        metrics = {k: history[-1][k] for k in ("acc", "asr", "asr_all", "ra")}
+        metrics = {k: history[-1][k] for k in ("acc", "asr", "asr_all", "ra")
+                   if k in history[-1]}
     return state, history, metrics
 
 
 def training_metadata(result: TrainResult, dataset: ImageDataset,
-                      attack: Attack) -> dict[str, Any]:
+                      attack: Attack | None) -> dict[str, Any]:
     """The provenance of a trained model, for ``metadata.json`` (see :func:`save_result`)."""
     return {
         "dataset": {"name": dataset.name, "num_classes": dataset.num_classes,
                     "image_shape": list(dataset.image_shape), "train_size": len(dataset.train),
                     "test_size": len(dataset.test)},
-        "attack": {"name": attack.name, "params": dict(attack.params)},
+        "attack": None if attack is None else {"name": attack.name,
+                                               "params": dict(attack.params)},
         "poisoned_count": int(result.poisoned_indices.size),
         "seed": result.config.seed,
         "train_config": result.config.to_dict(),
@@ -283,7 +296,7 @@ def training_metadata(result: TrainResult, dataset: ImageDataset,
 
 
 def save_result(directory: str | os.PathLike, result: TrainResult, dataset: ImageDataset,
-                attack: Attack, *, overwrite: bool = False) -> str:
+                attack: Attack | None, *, overwrite: bool = False) -> str:
     """Saves a trained model with :func:`awm_jax.checkpoint.save_model` and its provenance."""
     return save_model(directory, result.config.model, result.config.model_kwargs,
                       dataset.num_classes, dataset.image_shape, result.variables,
