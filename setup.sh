@@ -2,6 +2,8 @@
 # Creates .venv with Python >= 3.12 and installs awm-jax into it (editable).
 #   ./setup.sh        runtime only:            then .venv/bin/awm-jax demo
 #   ./setup.sh dev    runtime + test tools:    then .venv/bin/python -m pytest -q -m "not slow" -n 2
+#   ./setup.sh dev,tfds,torch   also TensorFlow (TFDS builders) and PyTorch (state_dict import),
+#                     so that their tests run instead of skipping; this is what CI installs.
 # Set PYTHON=/path/to/python3.12 to choose the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -26,8 +28,13 @@ if [ ! -x .venv/bin/python ] || ! usable .venv/bin/python; then
   "$(find_python)" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-if [ "${1:-}" = "dev" ]; then
-  .venv/bin/python -m pip install --quiet -e ".[dev]"
+extras="${1:-}"
+if [ -n "$extras" ] && ! [[ "$extras" =~ ^[a-z]+(,[a-z]+)*$ ]]; then
+  echo "usage: ./setup.sh [EXTRA[,EXTRA...]] with extras from: dev, tfds, torch" >&2
+  exit 2
+fi
+if [ -n "$extras" ]; then
+  .venv/bin/python -m pip install --quiet -e ".[$extras]"
 else
   .venv/bin/python -m pip install --quiet -e .
 fi
