@@ -10,10 +10,17 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
-from awm_jax.config_flags import add_config_flags, config_from_flags
+from awm_jax.config_flags import (
+    add_config_flags,
+    add_defense_flags,
+    config_from_flags,
+    defense_flags_set,
+    defense_prefix,
+)
 
 EPILOG = """examples:
   awm-jax demo                                   # offline: backdoor + AWM on digits, ~1 min
@@ -24,6 +31,14 @@ EPILOG = """examples:
   awm-jax export --checkpoint runs/awm/purified --format safetensors --out awm.safetensors
   awm-jax sweep --checkpoint runs/digits_badnets --grid alpha=0.8,0.9 --grid tau=50,100 \\
       --seeds 0 1 --one-shot --out runs/sweep          # vmapped: table, heatmaps, Pareto
+  awm-jax compare --checkpoint runs/digits_badnets --defenses awm,ft,fp,nad,anp \\
+      --one-shot --awm-tau 50 --ft-epochs 5 --out runs/compare   # same clean images for all
+  awm-jax compare --checkpoint runs/digits_badnets --out runs/table4 \\
+      --defenses ablation:anp,ablation:weight_mask,ablation:weight_mask_trigger,ablation:awm
+
+Every defense's settings are flags named --DEFENSE-FIELD, generated from its config class
+(e.g. --awm-tau, --ft-epochs, --anp-eps, --ablation-mask; --ablation-preset picks a named
+preset); `purify` and `compare` accept the flags of the defenses they run.
 """
 
 
@@ -42,7 +57,6 @@ def _key_values(pairs: list[str] | None, flag: str) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from awm_jax.defenses.awm.config import AWMConfig
     from awm_jax.training.config import TrainConfig
 
     parser = argparse.ArgumentParser(
@@ -59,7 +73,15 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--dataset", default="digits",
                        help="dataset source: digits, a TFDS name, an ImageFolder dir/archive, "
                             "or an .npz/.h5 file [default: digits]")
-    train.add_argument("--attack", default="badnets", help="attack name [default: badnets]")
+    train.add_argument("--download", action="store_true",
+                       help="download and prepare a TFDS dataset that is not on disk yet")
+    train.add_argument("--attack", default="badnets",
+                       help="attack name, or none for a clean model [default: badnets]")
+    train.add_argument("--clean-checkpoint", default=None,
+                       help="a clean model directory (from --attack none); CLB perturbs its "
+                            "poison against it")
+    train.add_argument("--cross-ratio", type=float, default=2.0,
+                       help="WaNet noise-mode images per poisoned image (0: off) [default: 2]")
     train.add_argument("--attack-param", action="append", metavar="K=V",
                        help="attack parameter, repeatable (e.g. target=0)")
     train.add_argument("--model-param", action="append", metavar="K=V",
@@ -68,6 +90,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--eval-every", type=int, default=0,
                        help="evaluate ACC/ASR every N epochs (0: at the end) [default: 0]")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--checkpoint-every", type=int, default=1,
+                       help="epochs between checkpoints in OUT/checkpoints [default: 1]")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the newest checkpoint in OUT/checkpoints (fresh start "
+                            "if there is none; the config must be unchanged)")
+    train.add_argument("--keep-checkpoints", action="store_true",
+                       help="keep OUT/checkpoints after the final model is saved")
     add_config_flags(train, TrainConfig, "", skip=("model_kwargs",))
 
     purify = commands.add_parser("purify", help="purify a backdoored checkpoint")
@@ -88,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     purify.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint in --workdir (fresh start "
                              "if there is none; the config must be unchanged)")
-    add_config_flags(purify, AWMConfig, "awm_")
+    add_defense_flags(purify)
 
     evaluate = commands.add_parser("evaluate", help="ACC, ASR and RA of a checkpoint")
     evaluate.add_argument("--checkpoint", required=True, help="model directory")
@@ -104,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
                              "or a copy as a model directory")
     export.add_argument("--out", required=True, help="file (or directory) to write")
     _add_sweep_parser(commands)
+    _add_compare_parser(commands)
+    _add_import_torch_parser(commands)
     return parser
 
 
@@ -148,24 +179,53 @@ def _train(args) -> dict:
     from awm_jax.training.config import TrainConfig
     from awm_jax.training.loop import train_backdoored_model
 
-    dataset = load_dataset(args.dataset)
-    attack = create_attack(args.attack, num_classes=dataset.num_classes,
-                           **_key_values(args.attack_param, "--attack-param"))
+    dataset = load_dataset(args.dataset, **({"download": True} if args.download else {}))
+    attack = None if args.attack == "none" else create_attack(
+        args.attack, num_classes=dataset.num_classes,
+        **_key_values(args.attack_param, "--attack-param"))
     config = config_from_flags(args, TrainConfig, "", base=TrainConfig(
         model_kwargs=_key_values(args.model_param, "--model-param")))
-    result = train_backdoored_model(dataset, attack, config, workdir=args.out,
-                                    progress=not args.quiet, eval_every=args.eval_every)
+    clean_logits_fn = None
+    if args.clean_checkpoint:
+        from awm_jax.checkpoint import load_model
+        from awm_jax.models.base import apply_model
+
+        clean_model, clean_variables, _ = load_model(args.clean_checkpoint)
+
+        def clean_logits_fn(images):
+            return apply_model(clean_model, clean_variables["params"],
+                               clean_variables["batch_stats"], images)[0]
+
+    result = train_backdoored_model(
+        dataset, attack, config, workdir=args.out, progress=not args.quiet,
+        eval_every=args.eval_every, checkpoint_dir=os.path.join(args.out, "checkpoints"),
+        checkpoint_every=args.checkpoint_every, resume=args.resume,
+        keep_checkpoints=args.keep_checkpoints, clean_logits_fn=clean_logits_fn,
+        cross_ratio=args.cross_ratio)
     print(json.dumps({"checkpoint": args.out, "seconds": round(result.seconds, 1),
                       **result.metrics}, indent=2))
     return {}
 
 
+def _defense_settings(args, names: list[str]) -> dict[str, dict]:
+    """Field changes per defense from the --DEFENSE-* flags; flags of a defense that is not in
+    ``names`` are an error rather than silently ignored."""
+    changes = defense_flags_set(args)
+    unused = sorted(set(changes) - set(names))
+    if unused:
+        flags = ", ".join(f"--{name}-*" for name in unused)
+        raise ValueError(f"{flags} set, but {', '.join(unused)} is not run here "
+                         f"(running: {', '.join(names)}).")
+    return changes
+
+
 def _purify(args) -> dict:
-    from awm_jax.defenses.awm.config import AWMConfig
+    from awm_jax.defenses import get_defense
     from awm_jax.pipeline import purify_checkpoint
 
-    defense_config = config_from_flags(args, AWMConfig, "awm_") if args.defense == "awm" \
-        else None
+    cls = get_defense(args.defense).config_class
+    _defense_settings(args, [args.defense])
+    defense_config = config_from_flags(args, cls, defense_prefix(args.defense))
     return purify_checkpoint(args.checkpoint, dataset_source=args.dataset, defense=args.defense,
                              defense_config=defense_config, clean=_clean_config(args),
                              seed=args.seed, out_dir=args.out, track_epochs=args.track_epochs,
@@ -180,9 +240,11 @@ def _evaluate(args) -> dict:
     from awm_jax.checkpoint import load_model
     from awm_jax.data.sources import load_dataset
     from awm_jax.eval.metrics import evaluate_backdoor, make_predict_fn
+    from awm_jax.models import check_images_fit
 
     model, variables, metadata = load_model(args.checkpoint)
     dataset = load_dataset(args.dataset or metadata["dataset"]["name"])
+    check_images_fit(model, variables, dataset.image_shape, f"{dataset.name} images")
     attack = create_attack(metadata["attack"]["name"], **metadata["attack"]["params"])
     triggered = triggered_test_set(dataset.test, attack, jax.random.key(args.seed))
     metrics = evaluate_backdoor(functools.partial(make_predict_fn(model), variables),
@@ -200,6 +262,33 @@ def _export(args) -> dict:
     from awm_jax.export import export_checkpoint
 
     print(f"wrote {export_checkpoint(args.checkpoint, args.format, args.out)}")
+    return {}
+
+
+def _add_import_torch_parser(commands) -> None:
+    parser = commands.add_parser("import-torch",
+                                 help="convert a PyTorch state_dict into a model directory")
+    parser.add_argument("--state-dict", required=True,
+                        help=".pth/.pt file (needs PyTorch) or .npz of the state_dict's arrays")
+    parser.add_argument("--model", required=True,
+                        help="resnet18 (kuangliu, official AWM), preact_resnet18 (BackdoorBench) "
+                             "or small_vgg")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="[default: the rows of the head's weight]")
+    parser.add_argument("--image-shape", type=int, nargs=3, default=None, metavar=("H", "W", "C"),
+                        help="input shape [default: 32 32 and the stem's input channels]")
+    parser.add_argument("--model-param", action="append", metavar="K=V",
+                        help="model keyword argument, repeatable (e.g. mean=[0.5,0.5,0.5])")
+    parser.add_argument("--out", required=True, help="model directory to create")
+
+
+def _import_torch(args) -> dict:
+    from awm_jax.interop.torch_import import save_imported
+
+    directory = save_imported(args.state_dict, args.model, args.out,
+                              num_classes=args.num_classes, image_shape=args.image_shape,
+                              **_key_values(args.model_param, "--model-param"))
+    print(f"wrote {directory}")
     return {}
 
 
@@ -252,15 +341,56 @@ def _sweep(args) -> dict:
     return {}
 
 
+def _add_compare_parser(commands) -> None:
+    compare = commands.add_parser(
+        "compare", help="run several defenses on the same clean images; table and plot",
+        description="Runs every defense in --defenses on ONE draw of clean images and one "
+                    "evaluation set, and writes compare.json, compare.md and an ASR-vs-ACC "
+                    "plot compare.png. A defense that fails is reported in the table and the "
+                    "others still run; the exit status is then 1. Each defense's settings are "
+                    "its --DEFENSE-FIELD flags.")
+    compare.add_argument("--checkpoint", required=True, help="directory from train-backdoor")
+    compare.add_argument("--defenses", required=True, metavar="NAME[,NAME:PRESET...]",
+                         help="comma-separated registered defenses; NAME:PRESET uses a named "
+                              "preset of the defense's config (e.g. ablation:awm)")
+    compare.add_argument("--dataset", default=None, help="dataset source override")
+    _add_clean_flags(compare)
+    compare.add_argument("--seed", type=int, default=0, help="root seed [default: 0]")
+    compare.add_argument("--out", required=True, help="directory for compare.json/.md/.png")
+    compare.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_defense_flags(compare)
+
+
+def _compare(args) -> int:
+    from awm_jax.compare import compare_checkpoint, describe
+
+    entries = [e.strip() for e in args.defenses.split(",") if e.strip()]
+    changes = _defense_settings(args, [e.partition(":")[0] for e in entries])
+    presets = {name: c.pop("preset") for name, c in changes.items() if "preset" in c}
+    entries = [f"{e}:{presets[e]}" if e in presets else e for e in entries]
+    report = compare_checkpoint(args.checkpoint, entries, dataset_source=args.dataset,
+                                overrides=changes, clean=_clean_config(args), seed=args.seed,
+                                out_dir=args.out, progress=not args.quiet)
+    print(describe(report))
+    print(f"wrote {Path(args.out) / 'compare.json'}, compare.md and compare.png")
+    for row in report["rows"]:
+        if row["error"]:
+            print(f"awm-jax compare: {row['label']} failed: {row['error']}", file=sys.stderr)
+    return 1 if report["failed"] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"demo": _demo, "train-backdoor": _train, "purify": _purify,
-               "evaluate": _evaluate, "export": _export, "sweep": _sweep}[args.command]
+               "evaluate": _evaluate, "export": _export, "sweep": _sweep, "compare": _compare,
+               "import-torch": _import_torch}[args.command]
     try:
         report = handler(args)
-    except (ValueError, FloatingPointError) as error:
+    except (ValueError, FloatingPointError, FileNotFoundError, ImportError) as error:
         print(f"awm-jax {args.command}: error: {error}", file=sys.stderr)
         return 2
+    if isinstance(report, int):  # compare returns its exit status
+        return report
     if report:
         from awm_jax.pipeline import print_summary
 

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import inspect
 import re
+import types
 import typing
 from typing import Any
 
@@ -36,17 +37,31 @@ def attribute_docs(cls: type) -> dict[str, str]:
 
 
 def _parser_for(annotation: Any, default: Any):
-    """A string -> value converter for a field of type ``annotation``."""
-    text = str(annotation)
-    if isinstance(default, bool) or "bool" in text:
-        return _parse_bool
-    if "tuple" in text:
-        return lambda value: tuple(float(v) for v in value.split(","))
-    if isinstance(default, int) or text in ("int", "<class 'int'>"):
-        return int
-    if isinstance(default, float) or "float" in text:
-        return lambda value: None if value.lower() == "none" else float(value)
-    return str
+    """A string -> value converter for a field of type ``annotation``.
+
+    ``X | None`` fields also accept ``none``; ``tuple[T, ...]`` fields take comma-separated
+    values of type ``T``.
+    """
+    optional = False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional = len(inner) < len(typing.get_args(annotation))
+        annotation = inner[0] if len(inner) == 1 else str
+    if annotation is bool or isinstance(default, bool):
+        convert = _parse_bool
+    elif typing.get_origin(annotation) is tuple or isinstance(default, tuple):
+        element = next((a for a in typing.get_args(annotation) if a is not Ellipsis), float)
+        element = _parse_bool if element is bool else element
+        convert = lambda value: tuple(element(v.strip()) for v in value.split(",") if v.strip())
+    elif annotation in (int, float, str):
+        convert = annotation
+    elif isinstance(default, (int, float)):
+        convert = type(default)
+    else:
+        convert = str
+    if not optional:
+        return convert
+    return lambda value: None if value.lower() == "none" else convert(value)
 
 
 def _parse_bool(value: str) -> bool:
@@ -60,25 +75,76 @@ def _parse_bool(value: str) -> bool:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls: type, prefix: str,
-                     skip: tuple[str, ...] = ()) -> None:
-    """Adds one optional flag per field of ``cls``; unset flags keep the config's defaults."""
+                     skip: tuple[str, ...] = (), title: str | None = None) -> None:
+    """Adds one optional flag per field of ``cls``; unset flags keep the config's defaults.
+
+    A config class with named presets (a ``PRESETS`` tuple and a ``preset(name)``
+    classmethod) also gets ``--<prefix>preset NAME``, the base that the other flags change.
+    """
     docs = attribute_docs(cls)
     hints = typing.get_type_hints(cls)
-    group = parser.add_argument_group(f"{cls.__name__} ({prefix}*)")
+    group = parser.add_argument_group(title or f"{cls.__name__} ({prefix}*)")
+    if _presets(cls):
+        group.add_argument("--" + f"{prefix}preset".replace("_", "-"), dest=f"{prefix}preset",
+                           default=None, choices=_presets(cls),
+                           help="start from this named preset [default: the class defaults]")
     for field in dataclasses.fields(cls):
         if field.name in skip or not field.init:
             continue
         default = field.default if field.default is not dataclasses.MISSING else None
+        # SUPPRESS: an unset flag leaves no attribute, so "none" can set an optional field.
         group.add_argument("--" + f"{prefix}{field.name}".replace("_", "-"),
-                           dest=f"{prefix}{field.name}", default=None, metavar="V",
+                           dest=f"{prefix}{field.name}", default=argparse.SUPPRESS, metavar="V",
                            type=_parser_for(hints.get(field.name, ""), default),
                            help=f"{docs.get(field.name, '')} [default: {default}]")
 
 
+def _presets(cls: type) -> tuple[str, ...]:
+    return tuple(getattr(cls, "PRESETS", ())) if hasattr(cls, "preset") else ()
+
+
+def flag_changes(args: argparse.Namespace, cls: type, prefix: str) -> dict[str, Any]:
+    """The fields of ``cls`` whose ``--<prefix>*`` flag the user set, with their values."""
+    given = vars(args)
+    return {field.name: given[f"{prefix}{field.name}"] for field in dataclasses.fields(cls)
+            if f"{prefix}{field.name}" in given}
+
+
 def config_from_flags(args: argparse.Namespace, cls: type, prefix: str, base=None):
-    """The config ``base`` (or ``cls()``) with every flag the user set replaced."""
-    base = base if base is not None else cls()
-    changes = {field.name: getattr(args, f"{prefix}{field.name}")
-               for field in dataclasses.fields(cls)
-               if getattr(args, f"{prefix}{field.name}", None) is not None}
-    return dataclasses.replace(base, **changes)
+    """The config ``base`` (or the chosen preset, or ``cls()``) with every flag the user set
+    replaced."""
+    preset = getattr(args, f"{prefix}preset", None) if _presets(cls) else None
+    if base is None:
+        base = cls.preset(preset) if preset else cls()
+    return dataclasses.replace(base, **flag_changes(args, cls, prefix))
+
+
+def defense_prefix(name: str) -> str:
+    """The flag prefix of defense ``name``: ``--ft-epochs`` sets ``FTConfig.epochs``."""
+    return f"{name.replace('-', '_')}_"
+
+
+def add_defense_flags(parser: argparse.ArgumentParser) -> None:
+    """``--<defense>-<field>`` flags for every field of every registered defense's config."""
+    from awm_jax.defenses import DEFENSES, get_defense
+
+    for name in DEFENSES.names():
+        cls = get_defense(name).config_class
+        add_config_flags(parser, cls, defense_prefix(name),
+                         title=f"{name} settings ({cls.__name__}: --{name}-*)")
+
+
+def defense_flags_set(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """``{defense: {field: value}}`` for the defenses whose flags (or preset) the user set."""
+    from awm_jax.defenses import DEFENSES, get_defense
+
+    changes = {}
+    for name in DEFENSES.names():
+        prefix = defense_prefix(name)
+        cls = get_defense(name).config_class
+        found = flag_changes(args, cls, prefix)
+        if getattr(args, f"{prefix}preset", None):
+            found = {"preset": getattr(args, f"{prefix}preset"), **found}
+        if found:
+            changes[name] = found
+    return changes

@@ -24,6 +24,7 @@ from awm_jax.data.sources import load_dataset
 from awm_jax.defenses.base import get_defense
 from awm_jax.eval.metrics import evaluate_backdoor, make_predict_fn
 from awm_jax.eval.report import plot_history, summary_table, write_report
+from awm_jax.models import check_images_fit
 
 REPORT_NAME = "report.json"
 PLOT_NAME = "history.png"
@@ -59,7 +60,12 @@ def purify_model(model, variables, dataset: ImageDataset, attack: Attack, *,
 
     Returns:
       The report dict (see :data:`awm_jax.eval.report.REPORT_KEYS`).
+
+    Raises:
+      ValueError: the dataset's images do not fit the model, or a bad clean-data or defense
+        setting (each names the problem).
     """
+    check_images_fit(model, variables, dataset.image_shape, f"{dataset.name} images")
     chosen = get_defense(defense)
     config = defense_config if defense_config is not None else chosen.config_class()
     clean_key, trigger_key, defense_key = jax.random.split(jax.random.key(seed), 3)

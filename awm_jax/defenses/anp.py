@@ -73,6 +73,27 @@ def scale_batchnorm(params, weight_coeff: dict, bias_coeff: dict | None = None):
     return unflatten_dict(flat)
 
 
+def uniform_noise(key: PRNGKey, like, eps: Array):
+    """Noise ``U[-eps, eps]`` shaped like every leaf of ``like`` (``None`` leaves stay None).
+
+    Leaf ``i`` (in ``jax.tree_util`` order, i.e. sorted keys) uses ``fold_in(key, i)``.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    return treedef.unflatten([
+        jax.random.uniform(jax.random.fold_in(key, i), leaf.shape, minval=-eps, maxval=eps)
+        for i, leaf in enumerate(leaves)])
+
+
+def noise_ascent(loss_fn, noise, eps: Array, steps: int):
+    """ANP's inner maximisation: ``steps`` signed-gradient ascent steps of size ``eps / steps``
+    on ``loss_fn(noise)``, the noise clipped to ``[-eps, eps]``; the result is a constant."""
+    for _ in range(steps):
+        grads = jax.grad(loss_fn)(noise)
+        noise = jax.tree_util.tree_map(
+            lambda n, g: jnp.clip(n + eps / steps * jnp.sign(g), -eps, eps), noise, grads)
+    return jax.lax.stop_gradient(noise)
+
+
 class ANPHparams(NamedTuple):
     """Swept numbers (float32 scalars)."""
 
@@ -177,16 +198,10 @@ def make_anp_step(model: nn.Module, batch_size: int, noise_steps: int = 1):
         index_key, weight_key, bias_key = jax.random.split(key, 3)
         index = jax.random.randint(index_key, (batch_size,), 0, data["label"].shape[0])
         images, labels = data["image"][index], data["label"][index]
-        uniform = lambda k: {name: jax.random.uniform(jax.random.fold_in(k, i), m.shape,
-                                                      minval=-hparams.eps, maxval=hparams.eps)
-                             for i, (name, m) in enumerate(sorted(state.mask.items()))}
-        noise = (uniform(weight_key), uniform(bias_key))
-        for _ in range(noise_steps):
-            grads = jax.grad(lambda n: ce(state, state.mask, *n, images, labels)[0])(noise)
-            noise = jax.tree_util.tree_map(
-                lambda n, g: jnp.clip(n + hparams.eps / noise_steps * jnp.sign(g),
-                                      -hparams.eps, hparams.eps), noise, grads)
-        noise = jax.lax.stop_gradient(noise)
+        noise = (uniform_noise(weight_key, state.mask, hparams.eps),
+                 uniform_noise(bias_key, state.mask, hparams.eps))
+        noise = noise_ascent(lambda n: ce(state, state.mask, *n, images, labels)[0], noise,
+                             hparams.eps, noise_steps)
 
         def objective(mask):
             natural, logits = ce(state, mask, None, None, images, labels)
