@@ -64,11 +64,13 @@ def make_training_set(split: Split, attack: Attack | None, key: PRNGKey, rate: f
         attack = make_clb_poison(attack, clean_logits_fn)
     if cross_ratio < 0:
         raise ValueError(f"cross_ratio must be >= 0; got {cross_ratio}.")
-    poison_key, cross_key = jax.random.split(key)
-    poisoned = poison_training_set(split, attack, poison_key, rate, batch_size)
+    # ``key`` itself poisons, so that every attack poisons exactly as poison_training_set does;
+    # WaNet's cross images use a key folded off it.
+    poisoned = poison_training_set(split, attack, key, rate, batch_size)
     if attack.name != "wanet" or cross_ratio == 0:
         return poisoned
-    return _add_wanet_cross_images(poisoned, attack, cross_key, cross_ratio, batch_size)
+    return _add_wanet_cross_images(poisoned, attack, jax.random.fold_in(key, 1), cross_ratio,
+                                   batch_size)
 
 
 def _add_wanet_cross_images(poisoned: PoisonedSplit, attack: Attack, key: PRNGKey,
