@@ -38,8 +38,9 @@ def sweep_model(model, variables, dataset: ImageDataset, attack: Attack, config:
 
     Returns:
       ``{"rows": [...], "config", "spec", "seconds", ...}``; each row holds ``member``,
-      ``seed``, the swept hparams, the after-defense metrics, ``before_<metric>`` and
-      ``mask_mean``. With ``out_dir``, also writes the table and plots there.
+      ``seed``, the swept hparams, the after-defense metrics, ``before_<metric>``,
+      ``mask_mean`` and ``selected_epoch``. With ``out_dir``, also writes the table and plots
+      there.
     """
     rows: list[dict[str, Any]] = []
     sweep_seconds = 0.0
@@ -61,6 +62,7 @@ def sweep_model(model, variables, dataset: ImageDataset, attack: Attack, config:
             rows.append({"member": len(rows), **member, **metrics,
                          **{f"before_{k}": before[k] for k in METRICS},
                          "mask_mean": mask_statistics(result.member_mask(index))["mean"],
+                         "selected_epoch": int(result.selected_epoch[index]),
                          "final_loss": float(result.history["loss"][-1, index])})
     table = {"dataset": dataset.name, "attack": attack.name, "config": config.to_dict(),
              "spec": {"grid": dict(spec.grid), "zip": dict(spec.zip), "seeds": list(spec.seeds)},

@@ -20,6 +20,23 @@ the single-run pipeline does.
 
 Keys equal :func:`run_awm`'s: member ``i``'s defense key is split into ``(shrink, epochs)`` and
 epoch ``e`` uses ``fold_in(epochs, e)``, so a member equals a single run with the same key.
+Every mask selection of :func:`run_awm` works per member: ``"average"`` averages each member's
+own masks; ``"min_robust_loss"`` scores each member's masks and keeps each member's best, so the
+members' selected epochs differ (``SweepResult.selected_epoch`` is ``int32[M]``).
+
+How close is "equal"? Step for step, a member agrees with its single run to float32 rounding: the
+vmapped convolutions (kernels batched over members) sum in another order, so the first
+differences are ~1e-7 (tests: masks and metrics within 1e-5 over 2 epochs, tiny model). AWM's
+dynamics then amplify any such rounding, as they would any 1-ulp change: mainly the trigger
+ascent (step size 10, unconstrained until the end-of-epoch rescale; in the measurement below a
+7.7e-7 trigger difference after one step became 0.06 at the end of that epoch's ascent), after
+which the mask steps and the argmax inner labels diverge too. On the demo model
+(``experiments/benchmarks/sweep_drift.py``, 4 members, keys asserted identical) the max mask
+difference stays at 1e-7 to 4e-6 for 4 epochs, then grows to 0.02 (epoch 5), 0.3 (epoch 8) and
+0.47 (epoch 30). A single run against itself with one mask entry lowered by 2**-24 at the start
+diverges alike (0.01 after one epoch, 0.3-0.6 after 12; also with SGD instead of Adam on the
+mask). So long sweeps reproduce single runs statistically (same settings, same key, another
+rounding path), not bit for bit; run a member alone with :func:`run_awm` when that matters.
 """
 
 from __future__ import annotations
@@ -45,7 +62,6 @@ from awm_jax.sweep import mesh as mesh_lib
 from awm_jax.sweep.spec import SweepSpec
 from awm_jax.types import Mask, PRNGKey, Variables
 
-SELECTIONS = ("last", "average")
 # Per member and masked weight: mask, Adam mu and nu, gradient (float32 each).
 BYTES_PER_MASKED_WEIGHT = 4 * 4
 MEMORY_FRACTION = 0.25  # of the free memory; the rest covers activations and the frozen model
@@ -58,14 +74,15 @@ class SweepResult:
     Attributes:
       masks: the selected masks, every leaf with a leading member axis ``[M, ...]``.
       history: ``name -> float32[E, M]`` per-epoch means of the step metrics.
-      selected_epoch: 1-based epoch of the returned masks (``"average"``: first averaged one).
+      selected_epoch: ``int32[M]``, each member's 1-based epoch of its returned mask
+        (``"average"``: the first averaged epoch; ``"min_robust_loss"``: the member's own best).
       seconds: wall time of the whole sweep (compilation included).
       chunk_size: members per compiled chunk.
     """
 
     masks: Mask
     history: dict[str, np.ndarray]
-    selected_epoch: int
+    selected_epoch: np.ndarray
     seconds: float
     chunk_size: int
 
@@ -127,33 +144,42 @@ class _VmappedDriver:
         self.mask_step = jax.jit(jax.vmap(steps.mask_step, in_axes=(*shared, 0, 0)),
                                  donate_argnums=0)
         self.end_epoch = jax.jit(jax.vmap(steps.end_epoch, in_axes=(0,)), donate_argnums=0)
-        self.trigger_phase = jax.jit(jax.vmap(steps.trigger_phase, in_axes=(*shared, 0, 0)),
-                                     donate_argnums=0)
-        self.mask_phase = jax.jit(jax.vmap(steps.mask_phase, in_axes=(*shared, 0, 0)),
-                                  donate_argnums=0)
+        self.selection_score = jax.jit(jax.vmap(steps.selection_score, in_axes=(*shared, 0)))
+        self.scanned_trigger_phase = jax.jit(
+            jax.vmap(steps.trigger_phase, in_axes=(*shared, 0, 0)), donate_argnums=0)
+        self.scanned_mask_phase = jax.jit(jax.vmap(steps.mask_phase, in_axes=(*shared, 0, 0)),
+                                          donate_argnums=0)
         self.shrink_init = jax.jit(jax.vmap(steps.shrink_init, in_axes=(0,)))
         self.shrink_step = jax.jit(jax.vmap(steps.shrink_step, in_axes=(0, 0, None, None, 0, 0)),
                                    donate_argnums=(0, 1))
 
-    def epoch(self, state, frozen, data, epoch_key, hparams):
-        """One epoch for every member; metrics are ``float32[M]`` means over the steps."""
+    def trigger_phase(self, state, frozen, data, epoch_key, hparams):
+        """begin_epoch and the trigger ascent for every member (``epoch_key``: ``key[M]``);
+        metrics are ``float32[M]``, with ``"selection_score"`` for ``"min_robust_loss"``."""
         if self.config.loop == "scan":
-            state, trigger_metrics = self.trigger_phase(state, frozen, data, epoch_key, hparams)
-            state, mask_metrics = self.mask_phase(state, frozen, data, epoch_key, hparams)
-            return state, {**trigger_metrics, **mask_metrics}
-        trigger_keys, mask_keys = _step_keys(epoch_key, self.steps.steps_per_phase)
+            return self.scanned_trigger_phase(state, frozen, data, epoch_key, hparams)
+        trigger_keys, _ = _step_keys(epoch_key, self.steps.steps_per_phase)
         state = self.begin_epoch(state, frozen, data, hparams)
         history = []
         for step_keys in trigger_keys:
             state, metrics = self.trigger_step(state, frozen, data, step_keys, hparams)
             history.append(metrics)
         state = self.end_trigger_phase(state, hparams)
-        trigger_metrics = {**_mean_over_steps(history), "trigger_l1": _trigger_l1(state.trigger)}
+        metrics = {**_mean_over_steps(history), "trigger_l1": _trigger_l1(state.trigger)}
+        if self.config.mask_selection == "min_robust_loss":
+            metrics["selection_score"] = self.selection_score(state, frozen, data, hparams)
+        return state, metrics
+
+    def mask_phase(self, state, frozen, data, epoch_key, hparams):
+        """The mask steps and end_epoch for every member; metrics are ``float32[M]``."""
+        if self.config.loop == "scan":
+            return self.scanned_mask_phase(state, frozen, data, epoch_key, hparams)
+        _, mask_keys = _step_keys(epoch_key, self.steps.steps_per_phase)
         history = []
         for step_keys in mask_keys:
             state, metrics = self.mask_step(state, frozen, data, step_keys, hparams)
             history.append(metrics)
-        return self.end_epoch(state), {**trigger_metrics, **_mean_over_steps(history)}
+        return self.end_epoch(state), _mean_over_steps(history)
 
 
 @jax.jit
@@ -171,6 +197,20 @@ def _add_masks(total, mask):
     return jax.tree_util.tree_map(jnp.add, total, mask)
 
 
+@functools.partial(jax.jit, static_argnames="final")
+def _keep_best(best, score, epoch, mask, final=False):
+    """Per member, replaces ``(score, epoch, mask)`` of ``best`` where ``score`` is lower (as
+    :func:`run_awm` keeps a strictly lower score); ``final`` also replaces members that never
+    had a finite score, so every member returns a mask."""
+    best_score, best_epoch, best_mask = best
+    better = score < best_score
+    if final:
+        better = better | ~jnp.isfinite(best_score)
+    pick = lambda new, old: jnp.where(better.reshape(-1, *[1] * (new.ndim - 1)), new, old)
+    return (pick(score, best_score), pick(jnp.full_like(best_epoch, epoch), best_epoch),
+            jax.tree_util.tree_map(pick, mask, best_mask))
+
+
 @jax.jit
 def _fold_in(keys, step):
     return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
@@ -184,9 +224,6 @@ def _step_keys(epoch_keys, steps_per_phase):
 
 
 def _check_inputs(config: AWMConfig, hparams: AWMHparams, keys) -> int:
-    if config.mask_selection not in SELECTIONS:
-        raise ValueError(f"run_sweep supports mask_selection in {SELECTIONS}; got "
-                         f"{config.mask_selection!r} (use run_awm for it).")
     sizes = {name: tuple(np.shape(v)) for name, v in hparams._asdict().items()}
     count = int(np.shape(keys)[0]) if keys is not None and np.ndim(keys) else -1
     if any(len(s) != 1 or s[0] != count for s in sizes.values()):
@@ -227,9 +264,8 @@ def run_sweep(model: nn.Module, variables: Variables, clean: Split, config: AWMC
       A :class:`SweepResult` with ``M`` members in spec order.
 
     Raises:
-      ValueError: invalid clean data, hparams/keys of mismatched sizes, a mask selection other
-        than ``"last"``/``"average"``, a non-positive chunk size, or clean data that the mesh's
-        ``"data"`` axis does not divide.
+      ValueError: invalid clean data, hparams/keys of mismatched sizes, a non-positive chunk
+        size, or clean data that the mesh's ``"data"`` axis does not divide.
     """
     hparams, keys = spec.stack(config) if isinstance(spec, SweepSpec) else (spec, keys)
     count = _check_inputs(config, hparams, keys)
@@ -258,17 +294,23 @@ def run_sweep(model: nn.Module, variables: Variables, clean: Split, config: AWMC
                                   bar))
     bar.close()
     masks = jax.tree_util.tree_map(lambda *m: np.concatenate(m)[:count],
-                                   *[mask for mask, _ in outputs])
-    history = {name: np.concatenate([h[name] for _, h in outputs], axis=1)[:, :count]
+                                   *[mask for mask, _, _ in outputs])
+    history = {name: np.concatenate([h[name] for _, h, _ in outputs], axis=1)[:, :count]
                for name in outputs[0][1]}
-    average_from = config.outer_epochs - math.ceil(config.outer_epochs / 2)
-    selected = average_from + 1 if config.mask_selection == "average" else config.outer_epochs
+    selected = np.concatenate([epochs for _, _, epochs in outputs])[:count]
     return SweepResult(masks, history, selected, time.perf_counter() - start, chunk_size)
 
 
 def _run_chunk(driver: _VmappedDriver, frozen, data, hparams, keys, bar):
-    """All epochs of one chunk; returns the selected masks and ``name -> float32[E, C]``."""
+    """All epochs of one chunk, with :func:`run_awm`'s selection bookkeeping per member.
+
+    Returns:
+      ``(masks, history, selected_epoch)``: the selected masks ``[C, ...]`` (numpy),
+      ``name -> float32[E, C]`` (``"selection_score"`` row ``e``: the score of the mask after
+      epoch ``e + 1``) and ``int32[C]`` 1-based selected epochs.
+    """
     config = driver.config
+    epochs = config.outer_epochs
     state = driver.init(frozen.params, data, hparams)
     shrink_keys, epochs_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
     if config.shrink_epochs:
@@ -276,19 +318,37 @@ def _run_chunk(driver: _VmappedDriver, frozen, data, hparams, keys, bar):
         for step in range(config.shrink_epochs * driver.steps.steps_per_phase):
             state, shrink_state, _ = driver.shrink_step(
                 state, shrink_state, frozen, data, _fold_in(shrink_keys, step), hparams)
-    average_from = config.outer_epochs - math.ceil(config.outer_epochs / 2)
-    mask_sum, history = None, []
-    for epoch in range(config.outer_epochs):
-        state, metrics = driver.epoch(state, frozen, data, _fold_in(epochs_keys, epoch), hparams)
-        history.append(metrics)
+    average_from = epochs - math.ceil(epochs / 2)
+    selecting = config.mask_selection == "min_robust_loss"
+    members = keys.shape[0]
+    # (score, epoch, mask) per member; the placeholder mask is replaced before it is returned.
+    best = (jnp.full((members,), jnp.inf, jnp.float32), jnp.full((members,), epochs, jnp.int32),
+            jax.tree_util.tree_map(jnp.copy, state.mask))
+    mask_sum, history, scores = None, [], []
+    for epoch in range(epochs):
+        epoch_keys = _fold_in(epochs_keys, epoch)
+        state, trigger_metrics = driver.trigger_phase(state, frozen, data, epoch_keys, hparams)
+        if selecting and epoch > 0:  # the score of the mask after epoch ``epoch`` (1-based)
+            best = _keep_best(best, trigger_metrics["selection_score"], epoch, state.mask)
+            scores.append(trigger_metrics["selection_score"])
+        state, mask_metrics = driver.mask_phase(state, frozen, data, epoch_keys, hparams)
+        history.append({**trigger_metrics, **mask_metrics})
         if config.mask_selection == "average" and epoch >= average_from:
             mask_sum = (jax.tree_util.tree_map(jnp.copy, state.mask) if mask_sum is None
                         else _add_masks(mask_sum, state.mask))
         bar.update(1)
-    mask = state.mask
+    mask, selected = state.mask, np.full((members,), epochs, np.int32)
     if config.mask_selection == "average":
-        count = config.outer_epochs - average_from
-        mask = jax.tree_util.tree_map(lambda m: m / count, mask_sum)
+        mask = jax.tree_util.tree_map(lambda m: m / (epochs - average_from), mask_sum)
+        selected[:] = average_from + 1
+    elif selecting:  # one more trigger phase scores the final mask, as in run_awm
+        state, final = driver.trigger_phase(state, frozen, data,
+                                            _fold_in(epochs_keys, epochs), hparams)
+        scores.append(final["selection_score"])
+        _, selected, mask = _keep_best(best, final["selection_score"], epochs, state.mask,
+                                       final=True)
     history = {name: np.stack([np.asarray(h[name]) for h in history])
                for name in history[0] if name != "selection_score"}
-    return jax.tree_util.tree_map(np.asarray, mask), history
+    if selecting:
+        history["selection_score"] = np.stack([np.asarray(s) for s in scores])
+    return jax.tree_util.tree_map(np.asarray, mask), history, np.asarray(selected, np.int32)

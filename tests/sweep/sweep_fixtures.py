@@ -1,9 +1,11 @@
 """A tiny model, clean set and sweep shared by the sweep tests and their 4-device subprocess.
 
-Run as a script, it runs the sharded sweep on every device present and prints the masks and
-history as JSON (the 4-fake-device test starts it with ``XLA_FLAGS`` set).
+Run as a script (``sweep_fixtures.py DATA_AXIS [MASK_SELECTION]``), it runs the sharded sweep on
+every device present and prints the masks, history and selected epochs as JSON (the
+4-fake-device test starts it with ``XLA_FLAGS`` set).
 """
 
+import dataclasses
 import json
 import sys
 
@@ -30,14 +32,16 @@ def tiny_setup():
 
 def as_json(result) -> dict:
     return {"masks": [np.asarray(m).tolist() for m in jax.tree_util.tree_leaves(result.masks)],
-            "history": {k: v.tolist() for k, v in result.history.items()}}
+            "history": {k: v.tolist() for k, v in result.history.items()},
+            "selected_epoch": np.asarray(result.selected_epoch).tolist()}
 
 
-def main(data_axis: int) -> None:
+def main(data_axis: int, selection: str = "last") -> None:
     from awm_jax.sweep.mesh import make_sweep_mesh, shard_members
     from awm_jax.sweep.runner import run_sweep
 
     model, variables, clean, config, spec = tiny_setup()
+    config = dataclasses.replace(config, mask_selection=selection)
     mesh = make_sweep_mesh(data=data_axis)
     hparams, _ = spec.stack(config)
     placed = shard_members(hparams, mesh)  # how run_sweep places each chunk
@@ -47,4 +51,4 @@ def main(data_axis: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 1)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 1, *sys.argv[2:3])

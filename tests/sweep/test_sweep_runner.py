@@ -22,7 +22,7 @@ from awm_jax.eval.metrics import backdoor_metrics, make_predict_fn, predict_in_b
 from awm_jax.sweep.evaluate import evaluate_members
 from awm_jax.sweep.mesh import make_sweep_mesh, shard_members
 from awm_jax.sweep.runner import estimate_chunk_size, run_sweep
-from awm_jax.sweep.spec import member_keys
+from awm_jax.sweep.spec import SweepSpec, member_keys
 
 ATOL = 1e-5
 
@@ -43,13 +43,13 @@ def _alone(driver, frozen, data, member_config, key):
     hparams = member_config.hparams()
     state = driver.steps.init(frozen.params, data, hparams)
     epochs_key = jax.random.split(key)[1]
-    losses = []
+    history = []
     for epoch in range(member_config.outer_epochs):
         epoch_key = jax.random.fold_in(epochs_key, epoch)
-        state, _ = driver.trigger_phase(state, frozen, data, epoch_key, hparams)
-        state, metrics = driver.mask_phase(state, frozen, data, epoch_key, hparams)
-        losses.append(float(metrics["loss"]))
-    return state.mask, losses
+        state, trigger_metrics = driver.trigger_phase(state, frozen, data, epoch_key, hparams)
+        state, mask_metrics = driver.mask_phase(state, frozen, data, epoch_key, hparams)
+        history.append({k: float(v) for k, v in {**trigger_metrics, **mask_metrics}.items()})
+    return state.mask, history
 
 
 def test_each_member_equals_running_it_alone(setup, swept):
@@ -59,10 +59,13 @@ def test_each_member_equals_running_it_alone(setup, swept):
     frozen = Frozen(variables["params"], variables["batch_stats"])
     driver = _Driver(make_awm_steps(model, config, len(clean.labels)), config)  # compiled once
     for index, (member, member_config) in enumerate(zip(spec.members(), spec.configs(config))):
-        mask, losses = _alone(driver, frozen, data, member_config,
-                              member_keys(member["seed"])["defense"])
+        mask, history = _alone(driver, frozen, data, member_config,
+                               member_keys(member["seed"])["defense"])
         chex.assert_trees_all_close(swept.member_mask(index), mask, atol=ATOL)
-        np.testing.assert_allclose(swept.history["loss"][:, index], losses, rtol=1e-5)
+        assert set(swept.history) == set(history[0])
+        for name, values in swept.history.items():
+            np.testing.assert_allclose(values[:, index], [h[name] for h in history],
+                                       rtol=1e-5, atol=ATOL, err_msg=name)
 
 
 def test_a_member_equals_run_awm_with_the_pipeline_key(setup, swept):
@@ -94,18 +97,27 @@ def test_scan_loop_equals_python_loop(setup, swept):
     np.testing.assert_allclose(scanned.history["loss"], swept.history["loss"], rtol=1e-5)
 
 
-@pytest.mark.slow
-def test_average_selection_matches_run_awm(setup):
-    model, variables, clean, config, spec = setup
-    config = dataclasses.replace(config, mask_selection="average", outer_epochs=3)
+@pytest.mark.parametrize("selection", ["min_robust_loss", pytest.param("average",
+                                                                       marks=pytest.mark.slow)])
+def test_mask_selection_per_member_matches_run_awm(setup, selection):
+    """Each member selects on its own; seeds in the spec so run_awm compiles once per alpha."""
+    model, variables, clean, config, _ = setup
+    config = dataclasses.replace(config, mask_selection=selection, outer_epochs=4)
+    spec = SweepSpec(grid={"alpha": [0.5, 0.9]}, seeds=[0, 1])
     result = run_sweep(model, variables, clean, config, spec, progress=False)
-    alone = run_awm(model, variables, clean, spec.configs(config)[2], member_keys(0)["defense"],
-                    progress=False)
-    chex.assert_trees_all_close(result.member_mask(2), alone.mask, atol=ATOL)
-    assert result.selected_epoch == alone.selected_epoch == 2
-    with pytest.raises(ValueError, match="supports mask_selection"):
-        run_sweep(model, variables, clean,
-                  dataclasses.replace(config, mask_selection="min_robust_loss"), spec)
+    assert result.selected_epoch.shape == (4,) and result.selected_epoch.dtype == np.int32
+    for index, (member, member_config) in enumerate(zip(spec.members(), spec.configs(config))):
+        alone = run_awm(model, variables, clean, member_config,
+                        member_keys(member["seed"])["defense"], progress=False)
+        chex.assert_trees_all_close(result.member_mask(index), alone.mask, atol=ATOL)
+        assert result.selected_epoch[index] == alone.selected_epoch
+        if selection == "min_robust_loss":
+            np.testing.assert_allclose(result.history["selection_score"][:, index],
+                                       [h["selection_score"] for h in alone.history], rtol=1e-5)
+    if selection == "average":
+        assert set(result.selected_epoch) == {3}
+    else:  # this setup's members pick different epochs: the choice is per member
+        assert len(set(result.selected_epoch)) > 1
 
 
 def test_chunk_size_estimate():
@@ -141,19 +153,27 @@ def test_mesh_errors():
     assert shard_members(np.zeros((3, 2)), mesh).shape == (3, 2)
 
 
-@pytest.mark.parametrize("data_axis", [1, pytest.param(2, marks=pytest.mark.slow)])
-def test_four_fake_cpu_devices_equal_one(swept, data_axis):
+@pytest.mark.parametrize("data_axis,selection", [
+    (1, "last"), pytest.param(2, "last", marks=pytest.mark.slow),
+    pytest.param(1, "min_robust_loss", marks=pytest.mark.slow)])
+def test_four_fake_cpu_devices_equal_one(setup, swept, data_axis, selection):
     """Mesh (4 sweep x 1 data), and (2 sweep x 2 data) with the clean set split too."""
+    if selection != "last":
+        model, variables, clean, config, spec = setup
+        swept = run_sweep(model, variables, clean,
+                          dataclasses.replace(config, mask_selection=selection), spec,
+                          progress=False)
     script = Path(__file__).with_name("sweep_fixtures.py")
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, str(script), str(data_axis)], env=env,
+    out = subprocess.run([sys.executable, str(script), str(data_axis), selection], env=env,
                          capture_output=True, text=True, timeout=300, check=True)
     payload = json.loads(out.stdout.strip().splitlines()[-1])
     assert payload["devices"] == 4
     assert payload["mesh"] == {"sweep": 4 // data_axis, "data": data_axis}
     assert payload["member_sharding"] == "P('sweep',)"
     expected = as_json(swept)
+    assert payload["selected_epoch"] == expected["selected_epoch"]
     for got, want in zip(payload["masks"], expected["masks"]):
         np.testing.assert_allclose(got, want, atol=ATOL)
     for name, values in expected["history"].items():
