@@ -53,7 +53,7 @@ def _abstract_variables(model: nn.Module, image_shape: Sequence[int]) -> Variabl
     """The ``jax.ShapeDtypeStruct`` tree of ``model``'s variables, placed on the first device."""
     shapes = jax.eval_shape(lambda key: init_variables(model, key, tuple(image_shape)),
                             jax.random.key(0))
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                         shapes)
 

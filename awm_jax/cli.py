@@ -111,9 +111,13 @@ def _parser() -> argparse.ArgumentParser:
     purify.add_argument("--out", required=True, help="directory for report.json and the model")
     purify.add_argument("--quiet", action="store_true", help="no progress bars")
     purify.add_argument("--workdir", default=None,
-                        help="checkpoint the defense's progress here (orbax; AWM only)")
+                        help="checkpoint the defense's whole state here (orbax; every "
+                             "defense) so that a killed run can --resume")
     purify.add_argument("--checkpoint-every", type=int, default=1,
-                        help="epochs between checkpoints in --workdir [default: 1]")
+                        help="defense steps between checkpoints in --workdir (epochs; FP: "
+                             "pruning + epochs; NAD: teacher + student epochs; NC: passes + "
+                             "unlearning epochs; ANP: blocks of N/batch iterations; I-BAU: "
+                             "rounds) [default: 1]")
     purify.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint in --workdir (fresh start "
                              "if there is none; the config must be unchanged)")
@@ -310,6 +314,27 @@ def _add_sweep_parser(commands) -> None:
     _add_clean_flags(sweep)
     sweep.add_argument("--out", required=True, help="directory for sweep.json/.csv and plots")
     sweep.add_argument("--quiet", action="store_true", help="no progress bars")
+    sweep.add_argument("--workdir", default=None,
+                       help="checkpoint the whole sweep state here (orbax; WORKDIR/seed_S per "
+                            "seed) so that a killed sweep can --resume")
+    sweep.add_argument("--checkpoint-every", type=int, default=1,
+                       help="epochs (counted over all chunks) between checkpoints [default: 1]")
+    sweep.add_argument("--resume", action="store_true",
+                       help="continue from the newest checkpoints in --workdir (fresh start if "
+                            "there are none; the config, chunk size and devices must be "
+                            "unchanged)")
+    hosts = sweep.add_argument_group(
+        "many hosts (jax.distributed; see awm_jax.sweep.distributed for TPU pod and SLURM "
+        "commands)")
+    hosts.add_argument("--distributed", action="store_true",
+                       help="initialise jax.distributed, detecting the cluster (TPU pod slice, "
+                            "SLURM, Open MPI) where the flags below are not given")
+    hosts.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="process 0's coordinator address [env: JAX_COORDINATOR_ADDRESS]")
+    hosts.add_argument("--num-processes", type=int, default=None,
+                       help="processes in the run [env: JAX_NUM_PROCESSES]")
+    hosts.add_argument("--process-id", type=int, default=None,
+                       help="this process's index [env: JAX_PROCESS_ID]")
     add_config_flags(sweep, AWMConfig, "awm_")
 
 
@@ -325,19 +350,29 @@ def _value_lists(pairs: list[str] | None, flag: str) -> dict[str, list[float]]:
 
 
 def _sweep(args) -> dict:
+    from awm_jax.sweep import distributed
+
+    # Before anything touches JAX's devices: a multi-process run needs jax.distributed first.
+    spans_processes = distributed.initialize(args.coordinator, args.num_processes,
+                                             args.process_id, auto=args.distributed)
+
     from awm_jax.defenses.awm.config import AWMConfig
     from awm_jax.sweep import SweepSpec, make_sweep_mesh
     from awm_jax.sweep.job import print_table, sweep_checkpoint
 
     spec = SweepSpec(grid=_value_lists(args.grid, "--grid"), zip=_value_lists(args.zip, "--zip"),
                      seeds=args.seeds)
-    mesh = make_sweep_mesh(sweep=args.devices) if args.devices else None
+    # Across processes the mesh must hold every process's devices.
+    mesh = (make_sweep_mesh(sweep=args.devices) if args.devices else
+            make_sweep_mesh() if spans_processes else None)
     table = sweep_checkpoint(args.checkpoint, config_from_flags(args, AWMConfig, "awm_"), spec,
                              dataset_source=args.dataset, clean=_clean_config(args),
                              chunk_size=args.chunk_size, mesh=mesh, out_dir=args.out,
-                             progress=not args.quiet)
-    print(print_table(table, spec.swept_names))
-    print(f"{len(table['rows'])} members in {table['sweep_seconds']:.1f} s; wrote {args.out}")
+                             progress=not args.quiet, workdir=args.workdir,
+                             checkpoint_every=args.checkpoint_every, resume=args.resume)
+    if distributed.is_main_process():
+        print(print_table(table, spec.swept_names))
+        print(f"{len(table['rows'])} members in {table['sweep_seconds']:.1f} s; wrote {args.out}")
     return {}
 
 
@@ -358,6 +393,13 @@ def _add_compare_parser(commands) -> None:
     compare.add_argument("--seed", type=int, default=0, help="root seed [default: 0]")
     compare.add_argument("--out", required=True, help="directory for compare.json/.md/.png")
     compare.add_argument("--quiet", action="store_true", help="no progress bars")
+    compare.add_argument("--workdir", default=None,
+                         help="checkpoint every defense's run in WORKDIR/<label> (orbax)")
+    compare.add_argument("--checkpoint-every", type=int, default=1,
+                         help="defense steps between checkpoints in --workdir [default: 1]")
+    compare.add_argument("--resume", action="store_true",
+                         help="continue every defense from its newest checkpoint in "
+                              "--workdir (finished ones only report)")
     add_defense_flags(compare)
 
 
@@ -370,7 +412,9 @@ def _compare(args) -> int:
     entries = [f"{e}:{presets[e]}" if e in presets else e for e in entries]
     report = compare_checkpoint(args.checkpoint, entries, dataset_source=args.dataset,
                                 overrides=changes, clean=_clean_config(args), seed=args.seed,
-                                out_dir=args.out, progress=not args.quiet)
+                                out_dir=args.out, progress=not args.quiet,
+                                workdir=args.workdir, checkpoint_every=args.checkpoint_every,
+                                resume=args.resume)
     print(describe(report))
     print(f"wrote {Path(args.out) / 'compare.json'}, compare.md and compare.png")
     for row in report["rows"]:

@@ -96,8 +96,9 @@ def compare_defenses(model, variables, dataset: ImageDataset, attack: Attack,
                      overrides: Mapping[str, Mapping[str, Any]] | None = None,
                      model_name: str = "", clean: CleanDataConfig = CleanDataConfig(),
                      seed: int = 0, out_dir: str | os.PathLike | None = None,
-                     progress: bool = True, extra: dict[str, Any] | None = None
-                     ) -> dict[str, Any]:
+                     progress: bool = True, extra: dict[str, Any] | None = None,
+                     workdir: str | os.PathLike | None = None, checkpoint_every: int = 1,
+                     resume: bool = False) -> dict[str, Any]:
     """Runs every defense on one clean draw and evaluates each on one evaluation set.
 
     Args:
@@ -114,6 +115,11 @@ def compare_defenses(model, variables, dataset: ImageDataset, attack: Attack,
       out_dir: if given, writes ``compare.json``, ``compare.md`` and ``compare.png`` there.
       progress: show the defenses' progress bars.
       extra: more entries for the report.
+      workdir: if given, every defense checkpoints its run in its own subdirectory
+        :func:`defense_workdir` of it (see :mod:`awm_jax.defenses.checkpointing`).
+      checkpoint_every: the defenses' steps between checkpoints.
+      resume: continue every defense from its newest checkpoint (a finished one only
+        reports; one without checkpoints starts fresh).
 
     Returns:
       ``{"rows": [...], "failed": [...], ...}``; each row has ``label, defense, config,
@@ -121,9 +127,12 @@ def compare_defenses(model, variables, dataset: ImageDataset, attack: Attack,
       raised); the first row, ``none``, is the backdoored model.
 
     Raises:
-      ValueError: bad defense names or settings (before any defense runs).
+      ValueError: bad defense names or settings, or ``resume`` without ``workdir`` (before
+        any defense runs).
     """
     specs = resolve_defenses(defenses, overrides)
+    if resume and workdir is None:
+        raise ValueError("resume=True needs a workdir to resume from; got workdir=None.")
     clean_key, trigger_key, defense_key = jax.random.split(jax.random.key(seed), 3)
     clean_split, eval_split = draw_clean_subset(dataset.test, dataset.num_classes, clean_key,
                                                 clean)
@@ -133,8 +142,11 @@ def compare_defenses(model, variables, dataset: ImageDataset, attack: Attack,
     rows = [{"label": NONE_LABEL, "defense": NONE_LABEL, "config": None,
              **evaluate(variables), "seconds": 0.0, "error": None}]
     for spec in specs:
+        checkpoints = {} if workdir is None else {
+            "workdir": defense_workdir(workdir, spec.label),
+            "checkpoint_every": checkpoint_every, "resume": resume}
         rows.append(_run_one(spec, model, variables, clean_split, defense_key,
-                             dataset.num_classes, evaluate, progress))
+                             dataset.num_classes, evaluate, progress, checkpoints))
     report = {"dataset": dataset.name, "model": model_name, "attack": attack.name,
               "attack_params": dict(attack.params), "n_clean": len(clean_split),
               "clean_data": clean.to_dict(), "seed": seed, "eval_size": len(eval_split),
@@ -145,13 +157,20 @@ def compare_defenses(model, variables, dataset: ImageDataset, attack: Attack,
     return report
 
 
+def defense_workdir(workdir: str | os.PathLike, label: str) -> Path:
+    """The checkpoint directory of the defense labelled ``label`` under ``workdir``
+    (``NAME:PRESET`` becomes ``NAME-PRESET``)."""
+    return Path(workdir) / label.replace(":", "-").replace(os.sep, "_")
+
+
 def _run_one(spec: DefenseSpec, model, variables, clean_split, key, num_classes, evaluate,
-             progress: bool) -> dict[str, Any]:
+             progress: bool, checkpoints: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     row = {"label": spec.label, "defense": spec.name, "config": _config_dict(spec.config)}
     try:
         result = get_defense(spec.name).purify(model, variables, clean_split, key, spec.config,
-                                               num_classes=num_classes, progress=progress)
+                                               num_classes=num_classes, progress=progress,
+                                               **checkpoints)
         metrics = evaluate(result.variables)
     except Exception as error:  # noqa: BLE001  (one failing defense must not lose the rest)
         return {**row, **{name: None for name in METRIC_NAMES},

@@ -53,9 +53,10 @@ def purify_model(model, variables, dataset: ImageDataset, attack: Attack, *,
       track_epochs: evaluate the test metrics after every epoch (for the plot); costs time.
       progress: show progress bars.
       extra: more entries for the report.
-      workdir: if given, the defense checkpoints its progress there every
-        ``checkpoint_every`` epochs (defenses whose ``purify`` takes ``workdir``: AWM).
-      checkpoint_every: epochs between checkpoints.
+      workdir: if given, the defense checkpoints its whole state there every
+        ``checkpoint_every`` of its steps (every registered defense; see
+        :mod:`awm_jax.defenses.checkpointing` for each one's step).
+      checkpoint_every: the defense's steps between checkpoints.
       resume: continue from the newest checkpoint in ``workdir`` (a fresh start if none).
 
     Returns:
@@ -82,7 +83,7 @@ def purify_model(model, variables, dataset: ImageDataset, attack: Attack, *,
                            num_classes=dataset.num_classes,
                            on_epoch=(lambda epoch, v: evaluate(v)) if track_epochs else None,
                            progress=progress,
-                           **_checkpoint_kwargs(chosen, workdir, checkpoint_every, resume))
+                           **checkpoint_kwargs(chosen, workdir, checkpoint_every, resume))
     after = evaluate(result.variables)
     report = {
         "dataset": dataset.name, "model": model_name, "attack": attack.name,
@@ -106,7 +107,13 @@ def purify_model(model, variables, dataset: ImageDataset, attack: Attack, *,
     return report
 
 
-def _checkpoint_kwargs(chosen, workdir, checkpoint_every: int, resume: bool) -> dict[str, Any]:
+def checkpoint_kwargs(chosen, workdir, checkpoint_every: int, resume: bool) -> dict[str, Any]:
+    """The ``purify`` keywords that checkpoint a run in ``workdir`` (none without it).
+
+    Raises:
+      ValueError: ``resume`` without ``workdir``, or a defense whose ``purify`` cannot
+        checkpoint.
+    """
     if workdir is None:
         if resume:
             raise ValueError("resume=True needs a workdir to resume from; got workdir=None.")

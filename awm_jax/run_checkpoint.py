@@ -109,13 +109,15 @@ class RunCheckpointer:
         """Whether :meth:`maybe_save` would save at ``step``."""
         return step % self.checkpoint_every == 0 or step == self.total_steps
 
-    def maybe_save(self, step: int, arrays: Any, meta: Mapping[str, Any]) -> bool:
-        """Saves ``arrays`` and ``meta`` as ``step`` if it is due; returns whether it saved.
+    def maybe_save(self, step: int, arrays: Any, meta: Mapping[str, Any], *,
+                   force: bool = False) -> bool:
+        """Saves ``arrays`` and ``meta`` as ``step`` if it is due (or ``force``, e.g. at the end
+        of a run's phase); returns whether it saved.
 
         ``meta`` is the caller's JSON-serialisable bookkeeping; it comes back from
         :meth:`restore_latest` together with ``"step"``.
         """
-        if not self.due(step):
+        if not (force or self.due(step)):
             return False
         record = {"format_version": FORMAT_VERSION, "kind": self.kind, "config": self.config,
                   "fingerprint": self.fingerprint, "step": int(step), "user": as_json(dict(meta)),

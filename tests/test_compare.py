@@ -147,3 +147,23 @@ def test_cli_purify_takes_the_chosen_defense_flags(checkpoint, tmp_path, capsys)
                  "--out", str(tmp_path / "abl"), "--quiet"]) == 0
     config = json.loads((tmp_path / "abl" / "report.json").read_text())["config"]
     assert config == preset("weight_mask", iterations=3, batch_size=32).to_dict()
+
+
+def test_cli_compare_and_purify_checkpoint_every_defense_in_a_workdir(checkpoint, tmp_path,
+                                                                      capsys):
+    argv = ["compare", "--checkpoint", str(checkpoint), "--defenses", "ft,ablation:anp",
+            "--n-clean", "60", "--ft-epochs", "2", "--ablation-iterations", "2",
+            "--ablation-batch-size", "32", "--workdir", str(tmp_path / "work"), "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["ablation-anp", "ft"]
+    assert (tmp_path / "work" / "ft" / "2").is_dir()
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 1  # checkpoints there, no --resume
+    assert "already holds ft checkpoints" in capsys.readouterr().err
+    assert main([*argv, "--resume", "--out", str(tmp_path / "c")]) == 0  # finished: reports
+    rows = [json.loads((tmp_path / out / "compare.json").read_text())["rows"] for out in "ac"]
+    assert [{k: r[k] for k in ("label", "acc", "asr")} for r in rows[0]] == \
+        [{k: r[k] for k in ("label", "acc", "asr")} for r in rows[1]]
+    assert main(["purify", "--checkpoint", str(checkpoint), "--defense", "ft", "--n-clean", "60",
+                 "--ft-epochs", "2", "--workdir", str(tmp_path / "p"), "--checkpoint-every", "2",
+                 "--out", str(tmp_path / "p_out"), "--quiet"]) == 0
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["2"]

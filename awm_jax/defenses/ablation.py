@@ -50,7 +50,8 @@ from awm_jax.defenses.ablation_steps import AblationHparams, make_ablation_steps
 from awm_jax.defenses.anp import prune, scale_batchnorm
 from awm_jax.defenses.awm.mask import apply_mask, mask_statistics
 from awm_jax.defenses.awm.step import Frozen, phase_keys
-from awm_jax.defenses.base import DEFENSES, Defense, DefenseResult
+from awm_jax.defenses.base import DEFENSES, Defense, DefenseResult, build_once
+from awm_jax.defenses.checkpointing import open_checkpointer
 from awm_jax.defenses.finetune import ConfigDictMixin, check_positive, validate_clean
 from awm_jax.types import Variables
 
@@ -196,49 +197,81 @@ def _mean(metrics: list[dict]) -> dict[str, float]:
     return {k: float(jnp.mean(jnp.stack([m[k] for m in metrics]))) for k in metrics[0]}
 
 
+def _jitted_steps(model, config: AblationConfig, variables: Variables, count: int):
+    """The pure steps of one setup and their jitted ``_Jitted``."""
+    steps = make_ablation_steps(model, config, variables, count)
+    return steps, _Jitted(*(jax.jit(f, donate_argnums=0) for f in (
+        steps.begin_epoch, steps.trigger_step, steps.end_trigger_phase, steps.mask_step)))
+
+
+def _run_epoch(run: _Jitted, state, frozen: Frozen, data, key, epochs_key, hparams,
+               config: AblationConfig, epoch: int, done: int, count: int, per_epoch: int):
+    """Epoch ``epoch``: the trigger phase (trigger adversary) and ``count`` mask steps after
+    ``done`` earlier ones; returns ``(state, record without the epoch fields)``."""
+    record = {}
+    if config.adversary == "trigger":
+        trigger_keys, mask_keys = phase_keys(jax.random.fold_in(epochs_key, epoch), per_epoch)
+        state = run.begin_epoch(state, frozen, data, hparams)
+        metrics = []
+        for step_key in trigger_keys:
+            state, step_metrics = run.trigger_step(state, frozen, data, step_key, hparams)
+            metrics.append(step_metrics)
+        state = run.end_trigger_phase(state, hparams)
+        record = {**_mean(metrics), "trigger_l1": float(jnp.sum(jnp.abs(state.trigger)))}
+        mask_keys = mask_keys[:count]
+    else:
+        mask_keys = [jax.random.fold_in(key, done + i) for i in range(count)]
+    metrics = []
+    for step_key in mask_keys:
+        state, step_metrics = run.mask_step(state, frozen, data, step_key, hparams)
+        metrics.append(step_metrics)
+    return state, {**record, **_mean(metrics)}
+
+
 def _purify(model, variables, clean, key, config: AblationConfig, *, num_classes=None,
-            on_epoch=None, progress=True) -> DefenseResult:
+            on_epoch=None, progress=True, workdir=None, checkpoint_every=1, max_to_keep=2,
+            resume=False) -> DefenseResult:
+    """The ablation; with ``workdir`` its :class:`AblationState` is checkpointed every
+    ``checkpoint_every`` epochs of ``steps_per_epoch`` mask steps
+    (:mod:`awm_jax.defenses.checkpointing`)."""
     start = time.perf_counter()
     data = validate_clean(clean, num_classes)
-    steps = make_ablation_steps(model, config, variables, int(data["label"].shape[0]))
-    run = _Jitted(*(jax.jit(f, donate_argnums=0) for f in (
-        steps.begin_epoch, steps.trigger_step, steps.end_trigger_phase, steps.mask_step)))
+    count = int(data["label"].shape[0])
+    shapes = tuple((jax.tree_util.keystr(path), leaf.shape, str(leaf.dtype)) for path, leaf
+                   in jax.tree_util.tree_leaves_with_path(variables))
+    steps, run = build_once(_jitted_steps, model, config, variables, count,
+                            key=(model, config, count, shapes))
     hparams = config.hparams()
     frozen = Frozen(variables["params"], variables["batch_stats"])
     state = steps.init(data, hparams)
     per_epoch = steps.steps_per_epoch
     total = config.iterations if config.iterations is not None else config.epochs * per_epoch
+    epochs = math.ceil(total / per_epoch)
     # Keys as the reference codes draw them, so the endpoints reproduce ANP and AWM exactly:
     # AWM splits its key and folds the epoch in; ANP folds the iteration into the raw key.
     epochs_key = jax.random.split(key)[1]
-    history, excluded, done = [], 0.0, 0
-    for epoch in tqdm(range(math.ceil(total / per_epoch)), desc="ablation", unit="epoch",
-                      disable=not progress):
-        count, record = min(per_epoch, total - done), {}
-        if config.adversary == "trigger":
-            trigger_keys, mask_keys = phase_keys(jax.random.fold_in(epochs_key, epoch),
-                                                 per_epoch)
-            state = run.begin_epoch(state, frozen, data, hparams)
-            metrics = []
-            for step_key in trigger_keys:
-                state, step_metrics = run.trigger_step(state, frozen, data, step_key, hparams)
-                metrics.append(step_metrics)
-            state = run.end_trigger_phase(state, hparams)
-            record = {**_mean(metrics), "trigger_l1": float(jnp.sum(jnp.abs(state.trigger)))}
-            mask_keys = mask_keys[:count]
-        else:
-            mask_keys = [jax.random.fold_in(key, done + i) for i in range(count)]
-        metrics = []
-        for step_key in mask_keys:
-            state, step_metrics = run.mask_step(state, frozen, data, step_key, hparams)
-            metrics.append(step_metrics)
-        done += count
-        record = {"epoch": epoch + 1, "iteration": done, **record, **_mean(metrics)}
-        if on_epoch is not None:
+    excluded = 0.0
+    with open_checkpointer(workdir, kind="ablation", unit=f"epochs of {per_epoch} mask steps",
+                           config=config, key=key, data=data, variables=variables,
+                           total_steps=epochs, checkpoint_every=checkpoint_every,
+                           max_to_keep=max_to_keep, resume=resume) as checkpointer:
+        restored, meta = checkpointer.restore(state)
+        state, history = (state, []) if restored is None else (restored, meta["history"])
+        done = min(meta["step"] * per_epoch, total)
+        for epoch in tqdm(range(meta["step"], epochs), desc="ablation", unit="epoch",
+                          disable=not progress, initial=meta["step"], total=epochs):
+            count = min(per_epoch, total - done)
+            state, record = _run_epoch(run, state, frozen, data, key, epochs_key, hparams,
+                                       config, epoch, done, count, per_epoch)
+            done += count
+            record = {"epoch": epoch + 1, "iteration": done, **record}
             eval_start = time.perf_counter()
-            record.update(on_epoch(epoch + 1, output_variables(variables, state.mask, config)))
+            if on_epoch is not None:
+                record.update(on_epoch(epoch + 1, output_variables(variables, state.mask,
+                                                                   config)))
+            history.append(record)
+            checkpointer.save(epoch + 1, state, {"history": history})
             excluded += time.perf_counter() - eval_start
-        history.append(record)
     purified = output_variables(variables, state.mask, config)
     details = {"mask": mask_statistics(state.mask), "iterations": done,
                "row": next((name for name in _ROWS if preset(name) == config), None)}
@@ -246,7 +279,8 @@ def _purify(model, variables, clean, key, config: AblationConfig, *, num_classes
         values = np.concatenate([np.asarray(m).ravel()
                                  for m in jax.tree_util.tree_leaves(state.mask)])
         details["pruned"] = int(np.sum(values <= config.threshold))
-    return DefenseResult(purified, history, time.perf_counter() - start - excluded, details)
+    seconds = time.perf_counter() - start - excluded + checkpointer.seconds_before
+    return DefenseResult(purified, history, seconds, details)
 
 
 @DEFENSES.register("ablation")

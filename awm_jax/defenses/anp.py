@@ -30,6 +30,7 @@ the models. Minibatches are drawn with replacement (the code shuffles a loader).
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any, NamedTuple
 
@@ -42,7 +43,8 @@ from flax import struct
 from flax.traverse_util import flatten_dict, unflatten_dict
 from tqdm.auto import tqdm
 
-from awm_jax.defenses.base import DEFENSES, Defense, DefenseResult
+from awm_jax.defenses.base import DEFENSES, Defense, DefenseResult, build_once
+from awm_jax.defenses.checkpointing import open_checkpointer
 from awm_jax.defenses.finetune import ConfigDictMixin, check_positive, validate_clean
 from awm_jax.models.base import apply_model
 from awm_jax.types import Array, Batch, Metrics, PRNGKey, Variables
@@ -228,32 +230,58 @@ def prune(variables: Variables, mask: dict, threshold: Array) -> Variables:
             "batch_stats": variables["batch_stats"]}
 
 
+def _jitted_step(model, batch: int, noise_steps: int):
+    return jax.jit(make_anp_step(model, batch, noise_steps), donate_argnums=0)
+
+
+def _run_block(step, state, data, key, hparams, iterations: range, bar):
+    """The iterations of one history record; each step's key is ``fold_in(key, iteration)``."""
+    metrics = []
+    for iteration in iterations:
+        state, step_metrics = step(state, data, jax.random.fold_in(key, iteration), hparams)
+        metrics.append(step_metrics)
+        bar.update()
+    return state, {"iteration": iterations[-1] + 1,
+                   **{k: float(jnp.mean(jnp.stack([m[k] for m in metrics])))
+                      for k in metrics[0]}}
+
+
 def _purify(model, variables, clean, key, config: ANPConfig, *, num_classes=None,
-            on_epoch=None, progress=True) -> DefenseResult:
+            on_epoch=None, progress=True, workdir=None, checkpoint_every=1, max_to_keep=2,
+            resume=False) -> DefenseResult:
+    """ANP. The iterations run in blocks of ``max(1, N // batch)`` (one pass's worth, one
+    history record, one "epoch" for ``on_epoch``); with ``workdir`` the :class:`ANPState` is
+    checkpointed every ``checkpoint_every`` blocks (:mod:`awm_jax.defenses.checkpointing`)."""
     start = time.perf_counter()
     data = validate_clean(clean, num_classes)
     batch = min(config.batch_size, int(data["label"].shape[0]))
-    step = jax.jit(make_anp_step(model, batch, config.noise_steps), donate_argnums=0)
+    step = build_once(_jitted_step, model, batch, config.noise_steps)
     hparams = config.hparams()
     state = init_anp_state(variables)
-    # One "epoch" of the history = the iterations that cover the clean set once.
-    per_epoch = max(1, int(data["label"].shape[0]) // batch)
-    history, metrics, excluded = [], [], 0.0
-    for iteration in tqdm(range(config.iterations), desc="ANP", unit="step",
-                          disable=not progress):
-        state, step_metrics = step(state, data, jax.random.fold_in(key, iteration), hparams)
-        metrics.append(step_metrics)
-        if len(metrics) == per_epoch or iteration + 1 == config.iterations:
-            record = {"epoch": len(history) + 1, "iteration": iteration + 1,
-                      **{k: float(jnp.mean(jnp.stack([m[k] for m in metrics])))
-                         for k in metrics[0]}}
-            metrics = []
-            if on_epoch is not None:
+    per_block = max(1, int(data["label"].shape[0]) // batch)
+    blocks = math.ceil(config.iterations / per_block)
+    excluded = 0.0
+    with open_checkpointer(workdir, kind="anp", unit=f"blocks of {per_block} iterations",
+                           config=config, key=key, data=data, variables=variables,
+                           total_steps=blocks, checkpoint_every=checkpoint_every,
+                           max_to_keep=max_to_keep, resume=resume) as checkpointer:
+        restored, meta = checkpointer.restore(state)
+        state, history = (state, []) if restored is None else (restored, meta["history"])
+        with tqdm(total=config.iterations, initial=min(meta["step"] * per_block,
+                                                       config.iterations),
+                  desc="ANP", unit="step", disable=not progress) as bar:
+            for block in range(meta["step"], blocks):
+                iterations = range(block * per_block,
+                                   min((block + 1) * per_block, config.iterations))
+                state, record = _run_block(step, state, data, key, hparams, iterations, bar)
+                record = {"epoch": block + 1, **record}
                 eval_start = time.perf_counter()
-                record.update(on_epoch(record["epoch"], prune(variables, state.mask,
-                                                              hparams.threshold)))
+                if on_epoch is not None:
+                    record.update(on_epoch(block + 1, prune(variables, state.mask,
+                                                            hparams.threshold)))
+                history.append(record)
+                checkpointer.save(block + 1, state, {"history": history})
                 excluded += time.perf_counter() - eval_start
-            history.append(record)
     purified = prune(variables, state.mask, hparams.threshold)
     values = np.concatenate([np.asarray(m) for _, m in sorted(state.mask.items())])
     details = {"channels": int(values.size),
@@ -261,7 +289,8 @@ def _purify(model, variables, clean, key, config: ANPConfig, *, num_classes=None
                "mask_mean": float(values.mean()),
                "pruned_per_layer": {name: int(np.sum(np.asarray(m) <= config.threshold))
                                     for name, m in sorted(state.mask.items())}}
-    return DefenseResult(purified, history, time.perf_counter() - start - excluded, details)
+    seconds = time.perf_counter() - start - excluded + checkpointer.seconds_before
+    return DefenseResult(purified, history, seconds, details)
 
 
 @DEFENSES.register("anp")

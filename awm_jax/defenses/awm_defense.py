@@ -8,12 +8,14 @@ from awm_jax.defenses.base import DEFENSES, Defense, DefenseResult
 
 
 def _purify(model, variables, clean, key, config: AWMConfig, *, num_classes=None,
-            on_epoch=None, progress=True, workdir=None, checkpoint_every=1,
+            on_epoch=None, progress=True, workdir=None, checkpoint_every=1, max_to_keep=2,
             resume=False) -> DefenseResult:
-    """:func:`run_awm`; ``workdir``/``checkpoint_every``/``resume`` checkpoint and resume it."""
+    """:func:`run_awm`; ``workdir``/``checkpoint_every``/``max_to_keep``/``resume`` checkpoint
+    and resume it (steps: epochs)."""
     result = run_awm(model, variables, clean, config, key, num_classes=num_classes,
                      on_epoch=on_epoch, progress=progress, workdir=workdir,
-                     checkpoint_every=checkpoint_every, resume=resume)
+                     checkpoint_every=checkpoint_every, max_to_keep=max_to_keep,
+                     resume=resume)
     return DefenseResult(result.variables, result.history, result.seconds,
                          {"mask": result.mask_stats, "selected_epoch": result.selected_epoch,
                           "compile_seconds": result.compile_seconds})

@@ -8,8 +8,10 @@ that ``awm-jax purify --defense NAME`` accepts.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 
@@ -43,8 +45,11 @@ class Defense(NamedTuple):
     Attributes:
       name: registry name.
       config_class: frozen dataclass of its settings (with ``to_dict``/``from_dict``).
-      purify: ``(model, variables, clean, key, config, *, num_classes, on_epoch, progress)
-        -> DefenseResult``.
+      purify: ``(model, variables, clean, key, config, *, num_classes, on_epoch, progress,
+        workdir, checkpoint_every, max_to_keep, resume) -> DefenseResult``. With ``workdir``
+        the run's whole state is checkpointed there with orbax every ``checkpoint_every`` of
+        the defense's steps (:mod:`awm_jax.defenses.checkpointing` lists each defense's step);
+        ``resume=True`` continues from the newest checkpoint, bit-identically.
     """
 
     name: str
@@ -66,3 +71,26 @@ def purify(name: str, model: nn.Module, variables: Variables, clean: Split, key:
     defense = get_defense(name)
     return defense.purify(model, variables, clean, key,
                           config if config is not None else defense.config_class(), **kwargs)
+
+
+_BUILT: collections.OrderedDict = collections.OrderedDict()
+_BUILT_MAX = 32
+
+
+def build_once(builder: Callable[..., Any], *args, key: Any = None) -> Any:
+    """``builder(*args)`` (e.g. a defense's jitted steps), reused for equal ``args`` (or
+    ``key``) so that a second run in the process (a resume, a repeat) does not compile again.
+
+    Args that cannot be hashed build uncached. The newest ``32`` builds are kept.
+    """
+    cache_key = (builder, args if key is None else key)
+    try:
+        if cache_key in _BUILT:
+            _BUILT.move_to_end(cache_key)
+            return _BUILT[cache_key]
+    except TypeError:  # an unhashable argument (e.g. a module with a dict attribute)
+        return builder(*args)
+    built = _BUILT[cache_key] = builder(*args)
+    while len(_BUILT) > _BUILT_MAX:
+        _BUILT.popitem(last=False)
+    return built

@@ -35,11 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from awm_jax.defenses.base import DEFENSES, Defense, DefenseResult
+from awm_jax.defenses.base import DEFENSES, Defense, DefenseResult, build_once
+from awm_jax.defenses.checkpointing import open_checkpointer
 from awm_jax.defenses.finetune import (
     ConfigDictMixin,
     check_fields,
     finetune,
+    init_ft_state,
     validate_clean,
 )
 from awm_jax.models.base import apply_model
@@ -213,25 +215,59 @@ def make_prune_step(model: nn.Module, layer: LastConv):
     return prune_step
 
 
+def _jitted_prune_step(model, layer: LastConv):
+    return jax.jit(make_prune_step(model, layer))
+
+
+def _prune(model, variables, data, layer: LastConv, key, config: FPConfig):
+    """The pruning decision: ``(keep float32[C], facts for the report)``."""
+    prune_step = build_once(_jitted_prune_step, model, layer)
+    state = PruneState(variables, jnp.ones((layer.channels,), jnp.float32))
+    state, metrics = prune_step(state, data, key, config.hparams())
+    return state.keep, {"pruned": int(metrics["pruned"]),
+                        "clean_acc_before": float(metrics["clean_acc_before"]),
+                        "clean_acc_pruned": float(metrics["clean_acc_pruned"])}
+
+
 def _purify(model, variables, clean, key, config: FPConfig, *, num_classes=None, on_epoch=None,
-            progress=True) -> DefenseResult:
+            progress=True, workdir=None, checkpoint_every=1, max_to_keep=2,
+            resume=False) -> DefenseResult:
+    """Fine-pruning; with ``workdir`` the run is checkpointed: step 1 is the pruning decision
+    (always saved), step ``1 + e`` the fine-tuning after epoch ``e``
+    (:mod:`awm_jax.defenses.checkpointing`)."""
     start = time.perf_counter()
     data = validate_clean(clean, num_classes)
     layer = find_last_conv(model, variables, data["image"].shape[1:])
-    prune_step = jax.jit(make_prune_step(model, layer))
-    state = PruneState(variables, jnp.ones((layer.channels,), jnp.float32))
     prune_key, tune_key = jax.random.split(key)
-    state, metrics = prune_step(state, data, prune_key, config.hparams())
-    mask = channel_mask(variables["params"], layer, state.keep)
-    prune_seconds = time.perf_counter() - start
-    purified, history, seconds = finetune(model, variables, data, tune_key, config, mask=mask,
-                                          on_epoch=on_epoch, progress=progress, desc="FP")
+    ones = jnp.ones((layer.channels,), jnp.float32)
+    target = {"keep": ones, "ft": init_ft_state(
+        variables, channel_mask(variables["params"], layer, ones))}
+    with open_checkpointer(workdir, kind="fp", unit="steps (1: pruning, 1 + e: epoch e)",
+                           config=config, key=key, data=data, variables=variables,
+                           total_steps=1 + config.epochs, checkpoint_every=checkpoint_every,
+                           max_to_keep=max_to_keep, resume=resume) as checkpointer:
+        arrays, meta = checkpointer.restore(target)
+        if arrays is None:
+            keep, facts = _prune(model, variables, data, layer, prune_key, config)
+            tune_state = init_ft_state(jax.tree_util.tree_map(jnp.array, variables),
+                                       channel_mask(variables["params"], layer, keep))
+            checkpointer.save(1, {"keep": keep, "ft": tune_state},
+                              {"prune": facts, "history": []}, force=True)
+            history, first = [], 0
+        else:
+            keep, tune_state, facts = arrays["keep"], arrays["ft"], meta["prune"]
+            history, first = meta["history"], meta["step"] - 1
+        prune_seconds = time.perf_counter() - start
+        purified, history, seconds = finetune(
+            model, variables, data, tune_key, config, on_epoch=on_epoch, progress=progress,
+            desc="FP", state=tune_state, first_epoch=first, history=history,
+            after_epoch=lambda done, s, h: checkpointer.save(
+                1 + done, {"keep": keep, "ft": s}, {"prune": facts, "history": h}))
     details = {"layer": "/".join(layer.kernel_path), "batchnorm": "/".join(layer.bn_path or ()),
-               "channels": layer.channels, "pruned": int(metrics["pruned"]),
-               "clean_acc_before": float(metrics["clean_acc_before"]),
-               "clean_acc_pruned": float(metrics["clean_acc_pruned"]),
-               "pruned_channels": np.flatnonzero(np.asarray(state.keep) == 0).tolist()}
-    return DefenseResult(purified, history, seconds + prune_seconds, details)
+               "channels": layer.channels, **facts,
+               "pruned_channels": np.flatnonzero(np.asarray(keep) == 0).tolist()}
+    return DefenseResult(purified, history,
+                         seconds + prune_seconds + checkpointer.seconds_before, details)
 
 
 @DEFENSES.register("fp")

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from awm_jax.data.augment import random_crop_flip
 from awm_jax.data.dataset import Split
-from awm_jax.defenses.base import DEFENSES, Defense, DefenseResult
+from awm_jax.defenses.base import DEFENSES, Defense, DefenseResult, build_once
+from awm_jax.defenses.checkpointing import open_checkpointer
 from awm_jax.models.base import apply_model
 from awm_jax.types import (
     Array,
@@ -143,17 +144,26 @@ def validate_clean(clean: Split, num_classes: int | None) -> dict[str, Array]:
 
 def run_epochs(step, state, data: dict[str, Array], key: PRNGKey, hparams, *, epochs: int,
                batch_size: int, on_epoch=None, progress: bool = True, desc: str = "FT",
-               variables_of=lambda s: s.variables) -> tuple[Any, list[dict], float]:
+               variables_of=lambda s: s.variables, first_epoch: int = 0,
+               history: list[dict] | None = None,
+               after_epoch=None) -> tuple[Any, list[dict], float]:
     """Drives a jitted ``step`` over ``epochs`` shuffled passes of ``data``.
 
     Each epoch permutes the images with ``fold_in(key, epoch)`` and takes
     ``max(1, N // b)`` batches of ``b = min(batch_size, N)`` (the remainder is dropped, so one
     shape compiles). Returns ``(state, history, seconds)``; callback time is excluded.
+
+    A restored run passes its ``state``, the epochs it had finished as ``first_epoch`` and
+    their ``history``; since every epoch's keys come from ``fold_in(key, epoch)`` it continues
+    exactly as the uninterrupted run. ``after_epoch(epochs_done, state, history)`` is called
+    after every epoch (e.g. to checkpoint).
     """
     count = int(data["label"].shape[0])
     batch = min(batch_size, count)
-    history, excluded, start = [], 0.0, time.perf_counter()
-    for epoch in tqdm(range(epochs), desc=desc, unit="epoch", disable=not progress):
+    history = list(history or [])
+    excluded, start = 0.0, time.perf_counter()
+    for epoch in tqdm(range(first_epoch, epochs), desc=desc, unit="epoch",
+                      disable=not progress, initial=first_epoch, total=epochs):
         order_key, epoch_key = jax.random.split(jax.random.fold_in(key, epoch))
         order = jax.random.permutation(order_key, count)
         metrics = []
@@ -170,6 +180,10 @@ def run_epochs(step, state, data: dict[str, Array], key: PRNGKey, hparams, *, ep
             record.update(on_epoch(epoch + 1, variables_of(state)))
             excluded += time.perf_counter() - eval_start
         history.append(record)
+        if after_epoch is not None:
+            eval_start = time.perf_counter()
+            after_epoch(epoch + 1, state, history)
+            excluded += time.perf_counter() - eval_start
     return state, history, time.perf_counter() - start - excluded
 
 
@@ -238,28 +252,57 @@ class FTConfig(ConfigDictMixin):
             self.learning_rate, self.momentum, self.weight_decay)))
 
 
-def finetune(model: nn.Module, variables: Variables, data: dict[str, Array], key: PRNGKey,
-             config, *, mask=None, on_epoch=None, progress: bool = True, desc: str = "FT"):
-    """Fine-tunes ``variables`` (optionally under a fixed 0/1 ``mask``); returns
-    ``(variables, history, seconds)``. ``config`` needs the :class:`FTConfig` fields."""
-    step = jax.jit(make_sgd_step(ce_loss_fn(model), crop_padding=config.crop_padding,
-                                 flip=config.flip, nesterov=config.nesterov), donate_argnums=0)
-    hparams = SGDHparams(*(jnp.asarray(v, jnp.float32) for v in (
+def _jitted_sgd_step(model, crop_padding, flip, nesterov):
+    return jax.jit(make_sgd_step(ce_loss_fn(model), crop_padding=crop_padding, flip=flip,
+                                 nesterov=nesterov), donate_argnums=0)
+
+
+def sgd_hparams(config) -> SGDHparams:
+    """The :class:`SGDHparams` of any config with the :class:`FTConfig` fields."""
+    return SGDHparams(*(jnp.asarray(v, jnp.float32) for v in (
         config.learning_rate, config.momentum, config.weight_decay)))
-    state = init_ft_state(jax.tree_util.tree_map(jnp.array, variables), mask)
-    state, history, seconds = run_epochs(step, state, data, key, hparams, epochs=config.epochs,
-                                         batch_size=config.batch_size, on_epoch=on_epoch,
-                                         progress=progress, desc=desc)
+
+
+def finetune(model: nn.Module, variables: Variables, data: dict[str, Array], key: PRNGKey,
+             config, *, mask=None, on_epoch=None, progress: bool = True, desc: str = "FT",
+             state: FTState | None = None, first_epoch: int = 0,
+             history: list[dict] | None = None, after_epoch=None):
+    """Fine-tunes ``variables`` (optionally under a fixed 0/1 ``mask``); returns
+    ``(variables, history, seconds)``. ``config`` needs the :class:`FTConfig` fields.
+
+    ``state``/``first_epoch``/``history`` continue a restored run and ``after_epoch`` is called
+    after every epoch with ``(epochs_done, state, history)`` (see :func:`run_epochs`).
+    """
+    step = build_once(_jitted_sgd_step, model, config.crop_padding, config.flip,
+                      config.nesterov)
+    if state is None:
+        state = init_ft_state(jax.tree_util.tree_map(jnp.array, variables), mask)
+    state, history, seconds = run_epochs(step, state, data, key, sgd_hparams(config),
+                                         epochs=config.epochs, batch_size=config.batch_size,
+                                         on_epoch=on_epoch, progress=progress, desc=desc,
+                                         first_epoch=first_epoch, history=history,
+                                         after_epoch=after_epoch)
     return state.variables, history, seconds
 
 
 def _purify(model, variables, clean, key, config: FTConfig, *, num_classes=None, on_epoch=None,
-            progress=True) -> DefenseResult:
+            progress=True, workdir=None, checkpoint_every=1, max_to_keep=2,
+            resume=False) -> DefenseResult:
+    """Fine-tuning; with ``workdir`` the :class:`FTState` is checkpointed every
+    ``checkpoint_every`` epochs (:mod:`awm_jax.defenses.checkpointing`)."""
     data = validate_clean(clean, num_classes)
-    purified, history, seconds = finetune(model, variables, data, key, config,
-                                          on_epoch=on_epoch, progress=progress)
+    with open_checkpointer(workdir, kind="ft", unit="epochs", config=config, key=key, data=data,
+                           variables=variables, total_steps=config.epochs,
+                           checkpoint_every=checkpoint_every, max_to_keep=max_to_keep,
+                           resume=resume) as checkpointer:
+        state, meta = checkpointer.restore(init_ft_state(variables))
+        purified, history, seconds = finetune(
+            model, variables, data, key, config, on_epoch=on_epoch, progress=progress,
+            state=state, first_epoch=meta["step"], history=meta.get("history"),
+            after_epoch=lambda done, s, h: checkpointer.save(done, s, {"history": h}))
     steps = config.epochs * max(1, len(clean) // min(config.batch_size, len(clean)))
-    return DefenseResult(purified, history, seconds, {"steps": steps})
+    return DefenseResult(purified, history, seconds + checkpointer.seconds_before,
+                         {"steps": steps})
 
 
 @DEFENSES.register("ft")

@@ -46,7 +46,8 @@ import optax
 from flax import struct
 from tqdm.auto import tqdm
 
-from awm_jax.defenses.base import DEFENSES, Defense, DefenseResult
+from awm_jax.defenses.base import DEFENSES, Defense, DefenseResult, build_once
+from awm_jax.defenses.checkpointing import open_checkpointer
 from awm_jax.defenses.finetune import ConfigDictMixin, check_positive, validate_clean
 from awm_jax.models.base import apply_model
 from awm_jax.types import Array, Batch, PRNGKey, Variables
@@ -258,48 +259,76 @@ def _mean(metrics: list[dict]) -> dict[str, float]:
     return {k: float(jnp.mean(jnp.stack([m[k] for m in metrics]))) for k in metrics[0]}
 
 
+def _jitted_steps(model, learning_rate: float, batch: int, patched: int, steps: int,
+                  clip: bool):
+    """The jitted ``(perturbation step, unlearn step, bound)`` of one setup."""
+    unlearn = make_unlearn_step(model, optax.adam(learning_rate), batch_size=batch,
+                                patched=patched, steps=steps, clip=clip)
+    return (jax.jit(make_perturbation_step(model, clip), donate_argnums=0),
+            jax.jit(unlearn, donate_argnums=0), jax.jit(bound_perturbation))
+
+
+def _run_round(perturb, unlearn, bound, state: IBAUState, data, round_key, hparams,
+               batches: list[Array]) -> tuple[IBAUState, dict[str, float]]:
+    """One max-min round: the inner pass on a zeroed delta, the bound, the outer pass."""
+    state = state.replace(perturbation=jnp.zeros_like(state.perturbation))
+    inner, outer = [], []
+    for rows in batches:
+        state, metrics = perturb(state, {"image": data["image"][rows],
+                                         "label": data["label"][rows]}, round_key, hparams)
+        inner.append(metrics)
+    state = bound(state, hparams)
+    norm = float(jnp.sqrt(jnp.sum(state.perturbation ** 2)))
+    for index, rows in enumerate(batches):
+        state, metrics = unlearn(state, {"image": data["image"][rows],
+                                         "label": data["label"][rows]},
+                                 jax.random.fold_in(round_key, index), hparams)
+        outer.append(metrics)
+    return state, {"perturbation_l2": norm,
+                   **{k: v for k, v in _mean(inner).items() if k != "finite"}, **_mean(outer)}
+
+
 def _purify(model, variables, clean, key, config: IBAUConfig, *, num_classes=None,
-            on_epoch=None, progress=True) -> DefenseResult:
+            on_epoch=None, progress=True, workdir=None, checkpoint_every=1, max_to_keep=2,
+            resume=False) -> DefenseResult:
+    """I-BAU; with ``workdir`` the :class:`IBAUState` (weights, Adam state, perturbation) is
+    checkpointed every ``checkpoint_every`` rounds (:mod:`awm_jax.defenses.checkpointing`)."""
     start = time.perf_counter()
     data = validate_clean(clean, num_classes)
     count = int(data["label"].shape[0])
     batch = min(config.batch_size, count)
     patched = max(1, int(batch * config.patch_fraction))
     optimizer = optax.adam(config.learning_rate)
-    perturb = jax.jit(make_perturbation_step(model, config.clip), donate_argnums=0)
-    unlearn = jax.jit(make_unlearn_step(model, optimizer, batch_size=batch, patched=patched,
-                                        steps=config.fixed_point_steps, clip=config.clip),
-                      donate_argnums=0)
-    bound = jax.jit(bound_perturbation)
+    perturb, unlearn, bound = build_once(_jitted_steps, model, config.learning_rate, batch,
+                                         patched, config.fixed_point_steps, config.clip)
     hparams = config.hparams()
     state = init_ibau_state(variables, optimizer, data["image"].shape[1:])
-    history, norms, excluded = [], [], 0.0
-    for round_index in tqdm(range(config.rounds), desc="I-BAU", unit="round",
-                            disable=not progress):
-        round_key = jax.random.fold_in(key, round_index)
-        state = state.replace(perturbation=jnp.zeros_like(state.perturbation))
-        inner, outer = [], []
-        for rows in ordered_batches(count, batch):
-            state, metrics = perturb(state, {"image": data["image"][rows],
-                                             "label": data["label"][rows]}, round_key, hparams)
-            inner.append(metrics)
-        state = bound(state, hparams)
-        norms.append(float(jnp.sqrt(jnp.sum(state.perturbation ** 2))))
-        for index, rows in enumerate(ordered_batches(count, batch)):
-            state, metrics = unlearn(state, {"image": data["image"][rows],
-                                             "label": data["label"][rows]},
-                                     jax.random.fold_in(round_key, index), hparams)
-            outer.append(metrics)
-        record = {"epoch": round_index + 1, "perturbation_l2": norms[-1],
-                  **{k: v for k, v in _mean(inner).items() if k != "finite"}, **_mean(outer)}
-        if on_epoch is not None:
+    excluded = 0.0
+    with open_checkpointer(workdir, kind="ibau", unit="rounds", config=config, key=key,
+                           data=data, variables=variables, total_steps=config.rounds,
+                           checkpoint_every=checkpoint_every, max_to_keep=max_to_keep,
+                           resume=resume) as checkpointer:
+        restored, meta = checkpointer.restore(state)
+        if restored is not None:
+            state = restored
+        history, norms = list(meta.get("history", [])), list(meta.get("norms", []))
+        for round_index in tqdm(range(meta["step"], config.rounds), desc="I-BAU",
+                                unit="round", disable=not progress, initial=meta["step"],
+                                total=config.rounds):
+            state, summary = _run_round(perturb, unlearn, bound, state, data,
+                                        jax.random.fold_in(key, round_index), hparams,
+                                        ordered_batches(count, batch))
+            norms.append(summary["perturbation_l2"])
+            record = {"epoch": round_index + 1, **summary}
             eval_start = time.perf_counter()
-            record.update(on_epoch(round_index + 1, state.variables))
+            if on_epoch is not None:
+                record.update(on_epoch(round_index + 1, state.variables))
+            history.append(record)
+            checkpointer.save(round_index + 1, state, {"history": history, "norms": norms})
             excluded += time.perf_counter() - eval_start
-        history.append(record)
     details = {"perturbation_l2": norms, "steps": int(state.step), "patched_per_batch": patched}
-    return DefenseResult(state.variables, history, time.perf_counter() - start - excluded,
-                         details)
+    seconds = time.perf_counter() - start - excluded + checkpointer.seconds_before
+    return DefenseResult(state.variables, history, seconds, details)
 
 
 @DEFENSES.register("ibau")

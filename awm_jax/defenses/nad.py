@@ -41,13 +41,15 @@ import optax
 from flax import struct
 from flax.traverse_util import flatten_dict
 
-from awm_jax.defenses.base import DEFENSES, Defense, DefenseResult
+from awm_jax.defenses.base import DEFENSES, Defense, DefenseResult, build_once
+from awm_jax.defenses.checkpointing import open_checkpointer
 from awm_jax.defenses.fine_pruning import forward_call_order
 from awm_jax.defenses.finetune import (
     ConfigDictMixin,
     check_fields,
     check_positive,
     finetune,
+    init_ft_state,
     make_sgd_step,
     run_epochs,
     validate_clean,
@@ -194,31 +196,76 @@ def resolve_layers(model, variables, image_shape, config: NADConfig) -> tuple[st
     return tuple(layers)
 
 
+def _jitted_step(model, layers, power, crop_padding, flip, nesterov):
+    return jax.jit(make_sgd_step(nad_loss_fn(model, layers, power), crop_padding=crop_padding,
+                                 flip=flip, nesterov=nesterov), donate_argnums=0)
+
+
+def init_student(variables: Variables, teacher: Variables) -> NADState:
+    """The student starts from (a copy of) the backdoored ``variables``, zero momentum."""
+    params = jax.tree_util.tree_map(jnp.array, variables["params"])
+    return NADState(params=params,
+                    batch_stats=jax.tree_util.tree_map(jnp.array, variables["batch_stats"]),
+                    velocity=jax.tree_util.tree_map(jnp.zeros_like, params), mask=None,
+                    step=jnp.zeros((), jnp.int32), teacher=teacher)
+
+
 def _purify(model, variables, clean, key, config: NADConfig, *, num_classes=None,
-            on_epoch=None, progress=True) -> DefenseResult:
+            on_epoch=None, progress=True, workdir=None, checkpoint_every=1, max_to_keep=2,
+            resume=False) -> DefenseResult:
+    """NAD; with ``workdir`` the run is checkpointed per epoch: steps ``1..T`` are the
+    teacher's epochs (its :class:`FTState`; step T always saved), steps ``T + e`` the student's
+    (its :class:`NADState`, which holds the teacher) (:mod:`awm_jax.defenses.checkpointing`)."""
     start = time.perf_counter()
     data = validate_clean(clean, num_classes)
     layers = resolve_layers(model, variables, data["image"].shape[1:], config)
     teacher_key, student_key = jax.random.split(key)
     teacher_config = dataclasses.replace(config, learning_rate=config.teacher_learning_rate,
                                          epochs=config.teacher_epochs, nesterov=False)
-    teacher, teacher_history, _ = finetune(model, variables, data, teacher_key, teacher_config,
-                                           progress=progress, desc="NAD teacher")
-    teacher_seconds = time.perf_counter() - start
-    step = jax.jit(make_sgd_step(nad_loss_fn(model, layers, config.power),
-                                 crop_padding=config.crop_padding, flip=config.flip,
-                                 nesterov=config.nesterov), donate_argnums=0)
-    params = jax.tree_util.tree_map(jnp.array, variables["params"])
-    state = NADState(params=params, batch_stats=jax.tree_util.tree_map(
-                         jnp.array, variables["batch_stats"]),
-                     velocity=jax.tree_util.tree_map(jnp.zeros_like, params), mask=None,
-                     step=jnp.zeros((), jnp.int32), teacher=teacher)
-    state, history, seconds = run_epochs(step, state, data, student_key, config.hparams(),
-                                         epochs=config.epochs, batch_size=config.batch_size,
-                                         on_epoch=on_epoch, progress=progress, desc="NAD")
+    teacher_epochs = config.teacher_epochs
+    plain = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+    def target(meta):
+        if meta["phase"] == "teacher":
+            return {"teacher": init_ft_state(variables)}
+        return {"student": init_student(variables, plain)}
+
+    with open_checkpointer(workdir, kind="nad",
+                           unit="epochs (teacher, then student)", config=config, key=key,
+                           data=data, variables=variables,
+                           total_steps=teacher_epochs + config.epochs,
+                           checkpoint_every=checkpoint_every, max_to_keep=max_to_keep,
+                           resume=resume) as checkpointer:
+        arrays, meta = checkpointer.restore(target_for_meta=target)
+        teacher_history = meta.get("teacher_history", [])
+        student = None
+        if meta["step"] <= teacher_epochs:
+            teacher, teacher_history, _ = finetune(
+                model, variables, data, teacher_key, teacher_config, progress=progress,
+                desc="NAD teacher", state=None if arrays is None else arrays["teacher"],
+                first_epoch=meta["step"], history=teacher_history,
+                after_epoch=lambda done, s, h: checkpointer.save(
+                    done, {"teacher": s}, {"phase": "teacher", "teacher_history": h},
+                    force=done == teacher_epochs))
+        else:
+            student = arrays["student"]
+            teacher = student.teacher
+        teacher_seconds = time.perf_counter() - start
+        step = build_once(_jitted_step, model, layers, config.power, config.crop_padding,
+                          config.flip, config.nesterov)
+        if student is None:
+            student = init_student(variables, teacher)
+        student, history, seconds = run_epochs(
+            step, student, data, student_key, config.hparams(), epochs=config.epochs,
+            batch_size=config.batch_size, on_epoch=on_epoch, progress=progress, desc="NAD",
+            first_epoch=max(0, meta["step"] - teacher_epochs), history=meta.get("history"),
+            after_epoch=lambda done, s, h: checkpointer.save(
+                teacher_epochs + done, {"student": s},
+                {"phase": "student", "teacher_history": teacher_history, "history": h}))
     details = {"layers": list(layers),
                "teacher_final_ce": teacher_history[-1]["ce"] if teacher_history else None}
-    return DefenseResult(state.variables, history, seconds + teacher_seconds, details)
+    return DefenseResult(student.variables, history,
+                         seconds + teacher_seconds + checkpointer.seconds_before, details)
 
 
 @DEFENSES.register("nad")

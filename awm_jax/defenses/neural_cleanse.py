@@ -50,12 +50,14 @@ import optax
 from flax import struct
 from tqdm.auto import tqdm
 
-from awm_jax.defenses.base import DEFENSES, Defense, DefenseResult
+from awm_jax.defenses.base import DEFENSES, Defense, DefenseResult, build_once
+from awm_jax.defenses.checkpointing import open_checkpointer
 from awm_jax.defenses.finetune import (
     ConfigDictMixin,
     FTConfig,
     check_positive,
     finetune,
+    init_ft_state,
     validate_clean,
 )
 from awm_jax.models.base import apply_model
@@ -372,17 +374,14 @@ def unlearning_set(data: Batch, masks: Array, patterns: Array, flagged: np.ndarr
     return {"image": data["image"].at[rows].set(stamped), "label": data["label"]}
 
 
-def reverse_engineer(model: nn.Module, variables: Variables, data: Batch, key: PRNGKey,
-                     config: NCConfig, num_classes: int, progress: bool = True):
-    """Runs the vmapped trigger search; returns ``(state, passes run)``."""
+def _jitted_search_steps(model: nn.Module, config: NCConfig, count: int, num_classes: int):
+    """The jitted ``(all classes' step, end of pass)`` of one setup."""
     optimizer = make_optimizer(config)
-    init_key, run_key = jax.random.split(key)
-    state = init_trigger_states(variables, init_key, num_classes, data["image"].shape[1:],
-                                optimizer, config.adaptive_cost, config.init_cost)
-    axes = class_axes(state)
+    # A prefix of every state's structure: a class axis on every field but the model.
+    axes = TriggerState(**{f: 0 for f in TriggerState.__dataclass_fields__
+                           if f != "variables"}, variables=None)
     per_class = jax.vmap(make_trigger_step(model, optimizer), in_axes=(axes, None, 0),
                          out_axes=(axes, 0))
-    count = int(data["label"].shape[0])
     batch = min(config.batch_size, count)
 
     def all_classes_step(state, data, key):
@@ -391,18 +390,43 @@ def reverse_engineer(model: nn.Module, variables: Variables, data: Batch, key: P
         minibatch = {"image": data["image"][rows], "label": data["label"][rows]}
         return per_class(state, minibatch, jax.random.split(step_key, num_classes))
 
-    step = jax.jit(all_classes_step, donate_argnums=0)
-    end_epoch = jax.jit(jax.vmap(make_end_epoch(config.adaptive_cost, config.early_stop),
-                                 in_axes=(axes, None), out_axes=(axes, 0)), donate_argnums=0)
+    end_epoch = jax.vmap(make_end_epoch(config.adaptive_cost, config.early_stop),
+                         in_axes=(axes, None), out_axes=(axes, 0))
+    return (jax.jit(all_classes_step, donate_argnums=0),
+            jax.jit(end_epoch, donate_argnums=0))
+
+
+def reverse_engineer(model: nn.Module, variables: Variables, data: Batch, key: PRNGKey,
+                     config: NCConfig, num_classes: int, progress: bool = True, *,
+                     state: TriggerState | None = None, first_pass: int = 0,
+                     after_pass=None):
+    """Runs the vmapped trigger search; returns ``(state, passes run)``.
+
+    A restored run passes its ``state`` and the passes it had finished as ``first_pass``;
+    every pass's keys are ``fold_in(run_key, pass)``, so it continues exactly as the
+    uninterrupted run. ``after_pass(passes_done, state, finished)`` is called after every pass
+    (``finished``: the search ends there), e.g. to checkpoint.
+    """
+    optimizer = make_optimizer(config)
+    init_key, run_key = jax.random.split(key)
+    initial = init_trigger_states(variables, init_key, num_classes, data["image"].shape[1:],
+                                  optimizer, config.adaptive_cost, config.init_cost)
+    state = initial if state is None else state
+    step, end_epoch = build_once(_jitted_search_steps, model, config,
+                                 int(data["label"].shape[0]), num_classes)
     hparams = config.hparams()
-    passes = 0
-    for epoch in tqdm(range(config.epochs), desc="NC", unit="pass", disable=not progress):
+    passes = first_pass
+    for epoch in tqdm(range(first_pass, config.epochs), desc="NC", unit="pass",
+                      disable=not progress, initial=first_pass, total=config.epochs):
         epoch_key = jax.random.fold_in(run_key, epoch)
         for index in range(config.batches_per_epoch):
             state, _ = step(state, data, jax.random.fold_in(epoch_key, index))
         state, _ = end_epoch(state, hparams)
         passes = epoch + 1
-        if bool(jnp.all(state.done)):
+        finished = bool(jnp.all(state.done)) or passes == config.epochs
+        if after_pass is not None:
+            after_pass(passes, state, finished)
+        if finished:
             break
     return state, passes
 
@@ -416,11 +440,14 @@ def _num_classes(model, variables, image_shape, num_classes):
 
 
 def mitigate(model: nn.Module, variables: Variables, data: Batch, masks: Array, patterns: Array,
-             key: PRNGKey, config: NCConfig, *, on_epoch=None, progress: bool = True):
+             key: PRNGKey, config: NCConfig, *, on_epoch=None, progress: bool = True,
+             **resumed):
     """Outlier test on the masks' L1 norms, then unlearning if a class is flagged.
 
     Returns ``(variables, history, seconds, details)``; ``variables`` is the input itself (not
-    a copy) and ``history`` empty when no class is flagged.
+    a copy) and ``history`` empty when no class is flagged. ``resumed`` (``state``,
+    ``first_epoch``, ``history``, ``after_epoch``) continues or checkpoints the unlearning as
+    :func:`~awm_jax.defenses.finetune.finetune`.
     """
     norms = np.asarray(jnp.sum(jnp.abs(masks), axis=(1, 2, 3)))
     flagged = np.flatnonzero(np.asarray(flag_classes(norms, config.anomaly_threshold)))
@@ -433,32 +460,71 @@ def mitigate(model: nn.Module, variables: Variables, data: Batch, masks: Array, 
     stamp_key, unlearn_key = jax.random.split(key)
     unlearn_data = unlearning_set(data, masks, patterns, flagged, config.unlearn_fraction,
                                   stamp_key)
-    ft_config = FTConfig(learning_rate=config.unlearn_learning_rate,
-                         momentum=config.unlearn_momentum,
-                         weight_decay=config.unlearn_weight_decay,
-                         epochs=config.unlearn_epochs, batch_size=config.unlearn_batch_size)
-    purified, history, seconds = finetune(model, variables, unlearn_data, unlearn_key, ft_config,
-                                          on_epoch=on_epoch, progress=progress,
-                                          desc="NC unlearn")
+    purified, history, seconds = finetune(model, variables, unlearn_data, unlearn_key,
+                                          _unlearn_config(config), on_epoch=on_epoch,
+                                          progress=progress, desc="NC unlearn", **resumed)
     return purified, history, seconds, details
 
 
+def _unlearn_config(config: NCConfig) -> FTConfig:
+    return FTConfig(learning_rate=config.unlearn_learning_rate,
+                    momentum=config.unlearn_momentum, weight_decay=config.unlearn_weight_decay,
+                    epochs=config.unlearn_epochs, batch_size=config.unlearn_batch_size)
+
+
 def _purify(model, variables, clean, key, config: NCConfig, *, num_classes=None,
-            on_epoch=None, progress=True) -> DefenseResult:
+            on_epoch=None, progress=True, workdir=None, checkpoint_every=1, max_to_keep=2,
+            resume=False) -> DefenseResult:
+    """Neural Cleanse. With ``workdir`` the run is checkpointed: steps ``1..P`` are trigger-
+    search passes (every class's :class:`TriggerState`: triggers, Adam state, lambda schedule
+    counters, best masks; the search's last pass is always saved), steps ``epochs + e`` the
+    unlearning epochs (the search state plus the :class:`FTState`)
+    (:mod:`awm_jax.defenses.checkpointing`)."""
     start = time.perf_counter()
     data = validate_clean(clean, num_classes)
     num_classes = _num_classes(model, variables, data["image"].shape[1:], num_classes)
     search_key, mitigate_key = jax.random.split(key)
-    state, passes = reverse_engineer(model, variables, data, search_key, config, num_classes,
-                                     progress)
-    masks, patterns, reached = final_triggers(state)
-    search_seconds = time.perf_counter() - start
-    purified, history, seconds, details = mitigate(model, variables, data, masks, patterns,
-                                                   mitigate_key, config, on_epoch=on_epoch,
-                                                   progress=progress)
+    search_target = init_trigger_states(
+        variables, jax.random.key(0), num_classes, data["image"].shape[1:],
+        make_optimizer(config), config.adaptive_cost, config.init_cost).replace(variables=None)
+
+    def target(meta):
+        if meta["phase"] == "search":
+            return {"search": search_target}
+        return {"search": search_target, "ft": init_ft_state(variables)}
+
+    with open_checkpointer(workdir, kind="nc", unit="passes, then epochs + unlearning epochs",
+                           config=config, key=key, data=data, variables=variables,
+                           total_steps=config.epochs + config.unlearn_epochs,
+                           checkpoint_every=checkpoint_every, max_to_keep=max_to_keep,
+                           resume=resume) as checkpointer:
+        arrays, meta = checkpointer.restore(target_for_meta=target)
+        state, passes = None, meta.get("passes", 0)
+        if arrays is not None:
+            state = arrays["search"].replace(
+                variables=jax.tree_util.tree_map(jnp.array, dict(variables)))
+        if not meta.get("search_finished", False):
+            state, passes = reverse_engineer(
+                model, variables, data, search_key, config, num_classes, progress,
+                state=state, first_pass=passes,
+                after_pass=lambda done, s, finished: checkpointer.save(
+                    done, {"search": s.replace(variables=None)},
+                    {"phase": "search", "passes": done, "search_finished": finished},
+                    force=finished))
+        masks, patterns, reached = final_triggers(state)
+        search_seconds = time.perf_counter() - start
+        searched = {"phase": "unlearn", "passes": passes, "search_finished": True}
+        purified, history, seconds, details = mitigate(
+            model, variables, data, masks, patterns, mitigate_key, config, on_epoch=on_epoch,
+            progress=progress, state=None if arrays is None else arrays.get("ft"),
+            first_epoch=max(0, meta["step"] - config.epochs), history=meta.get("history"),
+            after_epoch=lambda done, s, h: checkpointer.save(
+                config.epochs + done, {"search": state.replace(variables=None), "ft": s},
+                {**searched, "history": h}))
     details.update(reached=np.asarray(reached).tolist(), cost=np.asarray(state.cost).tolist(),
                    passes=passes)
-    return DefenseResult(purified, history, search_seconds + seconds, details)
+    return DefenseResult(purified, history,
+                         search_seconds + seconds + checkpointer.seconds_before, details)
 
 
 @DEFENSES.register("nc")

@@ -23,12 +23,14 @@ BatchNorm conventions and conv padding are those of :mod:`awm_jax.models.resnet`
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from awm_jax.models.base import MODELS, Normalize
+from awm_jax.perf import conv_general_dilated_for
 from awm_jax.models.resnet import _PAD1, _batch_norm
 from awm_jax.types import Array
 
@@ -39,24 +41,27 @@ class PreActBlock(nn.Module):
     Attributes:
       features: output channels of both convs.
       strides: stride of the first conv and of the shortcut conv.
+      conv_impl: the conv implementation (see the network's attribute).
     """
 
     features: int
     strides: int = 1
+    conv_impl: str = "lax"
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         """Maps ``float32[B, H, W, C_in]`` to ``float32[B, H/strides, W/strides, features]``."""
         stride = (self.strides, self.strides)
+        conv = functools.partial(nn.Conv, use_bias=False,
+                                 conv_general_dilated=conv_general_dilated_for(self.conv_impl))
         y = nn.relu(_batch_norm(train, "bn1")(x))
         shortcut = x
         if self.strides != 1 or x.shape[-1] != self.features:
-            shortcut = nn.Conv(self.features, (1, 1), strides=stride, padding="VALID",
-                               use_bias=False, name="shortcut_conv")(y)
-        y = nn.Conv(self.features, (3, 3), strides=stride, padding=_PAD1, use_bias=False,
-                    name="conv1")(y)
+            shortcut = conv(self.features, (1, 1), strides=stride, padding="VALID",
+                            name="shortcut_conv")(y)
+        y = conv(self.features, (3, 3), strides=stride, padding=_PAD1, name="conv1")(y)
         y = nn.relu(_batch_norm(train, "bn2")(y))
-        y = nn.Conv(self.features, (3, 3), padding=_PAD1, use_bias=False, name="conv2")(y)
+        y = conv(self.features, (3, 3), padding=_PAD1, name="conv2")(y)
         return y + shortcut
 
 
@@ -69,26 +74,32 @@ class PreActResNet18(nn.Module):
       width: channels of the stem and first stage; the stages use ``width * (1, 2, 4, 8)``.
         64 is BackdoorBench's network; smaller values give cheap CPU runs.
       mean, std: optional per-channel input normalisation (applied inside the model).
+      conv_impl: how the convs are computed (:data:`awm_jax.perf.CONV_IMPLS`): ``"lax"`` (XLA's
+        own) or ``"fast"`` (per-shape weight gradient, faster on CPU); variables do not depend on
+        it (switch a built model with :func:`awm_jax.perf.with_conv_impl`).
     """
 
     num_classes: int
     width: int = 64
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
+    conv_impl: str = "lax"
 
     def __post_init__(self):
         if self.width < 1:
             raise ValueError(f"width must be a positive integer; got {self.width}.")
+        conv_general_dilated_for(self.conv_impl)
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         """Maps images ``float32[B, H, W, C]`` in [0, 1] to logits ``float32[B, num_classes]``."""
         x = Normalize(self.mean, self.std)(x)
-        x = nn.Conv(self.width, (3, 3), padding=_PAD1, use_bias=False, name="stem_conv")(x)
+        x = nn.Conv(self.width, (3, 3), padding=_PAD1, use_bias=False, name="stem_conv",
+                    conv_general_dilated=conv_general_dilated_for(self.conv_impl))(x)
         for stage, (multiplier, strides) in enumerate(zip((1, 2, 4, 8), (1, 2, 2, 2)), start=1):
             for block in range(2):
                 x = PreActBlock(self.width * multiplier, strides if block == 0 else 1,
-                                name=f"layer{stage}_block{block}")(x, train)
+                                self.conv_impl, name=f"layer{stage}_block{block}")(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, name="linear")(x)

@@ -33,6 +33,7 @@ from typing import Sequence
 import flax.linen as nn
 
 from awm_jax.models.base import MODELS, Normalize
+from awm_jax.perf import conv_general_dilated_for
 from awm_jax.types import Array
 
 # PyTorch BatchNorm2d defaults: its momentum 0.1 weights the new batch, flax's weights the old.
@@ -51,6 +52,9 @@ class SmallVGG(nn.Module):
       dropout_rates: dropout rate after each of the three stages.
       mean, std: optional per-channel input normalisation (applied inside the model). None, the
         default, feeds raw [0, 1] pixels as the official AWM code does.
+      conv_impl: how the convs are computed (:data:`awm_jax.perf.CONV_IMPLS`): ``"lax"`` (XLA's
+        own) or ``"fast"`` (per-shape weight gradient, faster on CPU); variables do not depend on
+        it (switch a built model with :func:`awm_jax.perf.with_conv_impl`).
     """
 
     num_classes: int
@@ -58,10 +62,12 @@ class SmallVGG(nn.Module):
     dropout_rates: Sequence[float] = (0.3, 0.4, 0.4)
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
+    conv_impl: str = "lax"
 
     def __post_init__(self):
         if self.width < 1:
             raise ValueError(f"width must be a positive integer; got {self.width}.")
+        conv_general_dilated_for(self.conv_impl)
         if len(self.dropout_rates) != 3 or not all(0.0 <= r < 1.0 for r in self.dropout_rates):
             raise ValueError(
                 f"dropout_rates must be 3 rates in [0, 1); got {tuple(self.dropout_rates)}.")
@@ -80,7 +86,8 @@ class SmallVGG(nn.Module):
         for stage, (multiplier, rate) in enumerate(zip((1, 2, 4), self.dropout_rates), start=1):
             for index in (1, 2):
                 x = nn.Conv(self.width * multiplier, (3, 3), padding=((1, 1), (1, 1)),
-                            name=f"stage{stage}_conv{index}")(x)
+                            name=f"stage{stage}_conv{index}",
+                            conv_general_dilated=conv_general_dilated_for(self.conv_impl))(x)
                 x = nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM,
                                  epsilon=_BN_EPSILON, name=f"stage{stage}_bn{index}")(x)
                 x = nn.elu(x)

@@ -5,14 +5,22 @@ defense)``: the seed fixes the defender's images and the evaluation split, so me
 by seed and each group runs as one vmapped sweep over its hyperparameters (the groups have the
 same shapes, so the steps compile once). Member ``i`` therefore equals ``awm-jax purify`` with
 the same seed and settings.
+
+With a ``workdir``, seed group ``s`` checkpoints into ``<workdir>/seed_<s>/``
+(:mod:`awm_jax.sweep.checkpointing`); ``resume`` continues the group that was running and reloads
+the finished ones. In a sweep spanning processes every process runs the same groups and gets the
+whole results; only process 0 writes the table and plots.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Any
+
+import jax
 
 from awm_jax.attacks.base import Attack, create_attack, triggered_test_set
 from awm_jax.checkpoint import load_model
@@ -31,10 +39,16 @@ METRICS = ("acc", "asr", "asr_all", "ra")
 
 
 def sweep_model(model, variables, dataset: ImageDataset, attack: Attack, config: AWMConfig,
-                spec: SweepSpec, *, clean: CleanDataConfig = CleanDataConfig(),
+                spec: SweepSpec, *, clean: CleanDataConfig | None = None,
                 chunk_size: int | None = None, mesh=None, out_dir: str | Path | None = None,
-                progress: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                progress: bool = True, extra: dict[str, Any] | None = None,
+                workdir: str | os.PathLike | None = None, checkpoint_every: int = 1,
+                resume: bool = False) -> dict[str, Any]:
     """Runs the sweep ``spec`` on a backdoored model and evaluates every member.
+
+    ``workdir``, ``checkpoint_every`` and ``resume`` checkpoint each seed group's
+    :func:`run_sweep` in ``<workdir>/seed_<seed>``; ``clean`` defaults to
+    ``CleanDataConfig()``.
 
     Returns:
       ``{"rows": [...], "config", "spec", "seconds", ...}``; each row holds ``member``,
@@ -42,6 +56,9 @@ def sweep_model(model, variables, dataset: ImageDataset, attack: Attack, config:
       ``mask_mean`` and ``selected_epoch``. With ``out_dir``, also writes the table and plots
       there.
     """
+    clean = clean if clean is not None else CleanDataConfig()
+    if resume and workdir is None:
+        raise ValueError("resume=True needs a workdir to resume from; got workdir=None.")
     rows: list[dict[str, Any]] = []
     sweep_seconds = 0.0
     start = time.perf_counter()
@@ -54,7 +71,9 @@ def sweep_model(model, variables, dataset: ImageDataset, attack: Attack, config:
         before = evaluate_backdoor(lambda x: predict(variables, x), eval_split, triggered)
         group = dataclasses.replace(spec, seeds=[seed])
         result = run_sweep(model, variables, clean_split, config, group, chunk_size=chunk_size,
-                           mesh=mesh, num_classes=dataset.num_classes, progress=progress)
+                           mesh=mesh, num_classes=dataset.num_classes, progress=progress,
+                           workdir=None if workdir is None else Path(workdir) / f"seed_{seed}",
+                           checkpoint_every=checkpoint_every, resume=resume)
         sweep_seconds += result.seconds
         after = evaluate_members(model, variables, result.masks, eval_split, triggered,
                                  member_chunk=result.chunk_size)
@@ -69,7 +88,7 @@ def sweep_model(model, variables, dataset: ImageDataset, attack: Attack, config:
              "clean_data": clean.to_dict(), "n_clean": len(clean_split),
              "eval_size": len(eval_split), "sweep_seconds": sweep_seconds,
              "seconds": time.perf_counter() - start, **(extra or {}), "rows": rows}
-    if out_dir is not None:
+    if out_dir is not None and jax.process_index() == 0:
         write_outputs(out_dir, table, spec.swept_names)
     return table
 

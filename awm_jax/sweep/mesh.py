@@ -8,6 +8,12 @@ The axes are ``AxisType.Auto``: ``jax.jit`` propagates the input shardings (GSPM
 step functions stay sharding-agnostic. A member count that the ``"sweep"`` axis does not divide
 is an error here; :func:`awm_jax.sweep.runner.run_sweep` avoids it by padding its chunks with
 copies of the last member, whose results it drops.
+
+The mesh may span processes (:mod:`awm_jax.sweep.distributed`): ``jax.devices()`` then lists
+every process's devices, ordered by process, so the ``"sweep"`` axis runs across hosts. Every
+process holds the same host copy of the inputs and :func:`put` builds the global arrays with
+``jax.make_array_from_callback``, each process handing over only the slices of its own devices;
+:func:`to_host` gathers results back (``process_allgather``) so every process sees them whole.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 AXES = ("sweep", "data")
@@ -66,14 +74,14 @@ def shard_members(tree: Any, mesh: Mesh | None) -> Any:
         return tree
     for leaf in jax.tree_util.tree_leaves(tree):
         check_divisible(leaf.shape[0], sweep_size(mesh), "the number of sweep members", "sweep")
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec("sweep")))
+    return put(tree, NamedSharding(mesh, PartitionSpec("sweep")))
 
 
 def replicate(tree: Any, mesh: Mesh | None) -> Any:
     """Copies ``tree`` onto every device of ``mesh``."""
     if mesh is None:
         return tree
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    return put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
 def shard_data(data: dict, mesh: Mesh | None) -> dict:
@@ -88,4 +96,33 @@ def shard_data(data: dict, mesh: Mesh | None) -> dict:
     if size == 1:
         return replicate(data, mesh)
     check_divisible(int(data["label"].shape[0]), size, "the number of clean images", "data")
-    return jax.device_put(data, NamedSharding(mesh, PartitionSpec("data")))
+    return put(data, NamedSharding(mesh, PartitionSpec("data")))
+
+
+def put(tree: Any, sharding: NamedSharding) -> Any:
+    """``jax.device_put(tree, sharding)``, also when ``sharding`` spans other processes' devices.
+
+    Every process must pass the same values (each builds the same inputs from the same seeds);
+    a process then supplies only the slices that its own devices hold. PRNG key arrays travel
+    as their raw key data.
+    """
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+    return jax.tree_util.tree_map(lambda leaf: _put_global(leaf, sharding), tree)
+
+
+def _put_global(leaf, sharding: NamedSharding) -> jax.Array:
+    if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+        data = _put_global(jax.random.key_data(leaf), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+    host = np.asarray(leaf)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(tree: Any) -> Any:
+    """Every leaf as a numpy array, gathered from all processes where it spans several."""
+    def gather(leaf):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+        return np.asarray(leaf)
+    return jax.tree_util.tree_map(gather, tree)

@@ -37,6 +37,11 @@ difference stays at 1e-7 to 4e-6 for 4 epochs, then grows to 0.02 (epoch 5), 0.3
 diverges alike (0.01 after one epoch, 0.3-0.6 after 12; also with SGD instead of Adam on the
 mask). So long sweeps reproduce single runs statistically (same settings, same key, another
 rounding path), not bit for bit; run a member alone with :func:`run_awm` when that matters.
+
+Each chunk advances epoch by epoch (:mod:`awm_jax.sweep.chunk`), so with a ``workdir`` the whole
+sweep (chunk cursor, the chunk's stacked states and selection bookkeeping, finished chunks'
+results) is checkpointed every ``checkpoint_every`` epochs and a killed sweep resumes bit for bit
+(:mod:`awm_jax.sweep.checkpointing`). A mesh may span processes (:mod:`awm_jax.sweep.distributed`).
 """
 
 from __future__ import annotations
@@ -59,6 +64,15 @@ from awm_jax.defenses.awm.mask import create_mask, fold_mask, mask_size
 from awm_jax.defenses.awm.runner import _validate_clean
 from awm_jax.defenses.awm.step import AWMSteps, Frozen, make_awm_steps, phase_keys
 from awm_jax.sweep import mesh as mesh_lib
+from awm_jax.sweep.checkpointing import SweepCheckpointer, SweepProgress, fingerprint
+from awm_jax.sweep.chunk import (
+    ChunkProgress,
+    finish_chunk,
+    run_epoch,
+    split_member_keys,
+    start_chunk,
+)
+from awm_jax.sweep.chunk import fold_in as _fold_in  # noqa: F401 (benchmarks import it here)
 from awm_jax.sweep.spec import SweepSpec
 from awm_jax.types import Mask, PRNGKey, Variables
 
@@ -118,7 +132,7 @@ def estimate_chunk_size(num_masked: int, num_members: int, multiple: int = 1,
 
 def available_memory(device: jax.Device | None = None) -> int:
     """Free bytes of ``device``'s memory (accelerators) or of the host (CPU)."""
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
@@ -182,6 +196,20 @@ class _VmappedDriver:
         return self.end_epoch(state), _mean_over_steps(history)
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_driver(model: nn.Module, config: AWMConfig, num_clean: int) -> _VmappedDriver:
+    return _VmappedDriver(make_awm_steps(model, config, num_clean), config)
+
+
+def _driver(model: nn.Module, config: AWMConfig, num_clean: int) -> _VmappedDriver:
+    """The vmapped, jitted steps of one setup, reused so that a second sweep (the next seed
+    group, a resume) with an equal model and config does not compile again."""
+    try:
+        return _cached_driver(model, config, num_clean)
+    except TypeError:  # an unhashable module attribute: build the steps uncached.
+        return _VmappedDriver(make_awm_steps(model, config, num_clean), config)
+
+
 @jax.jit
 def _trigger_l1(trigger):
     return jnp.sum(jnp.abs(trigger), axis=tuple(range(1, trigger.ndim)))
@@ -192,35 +220,13 @@ def _mean_over_steps(history):
     return {name: jnp.mean(jnp.stack([m[name] for m in history]), axis=0) for name in history[0]}
 
 
-@jax.jit
-def _add_masks(total, mask):
-    return jax.tree_util.tree_map(jnp.add, total, mask)
-
-
-@functools.partial(jax.jit, static_argnames="final")
-def _keep_best(best, score, epoch, mask, final=False):
-    """Per member, replaces ``(score, epoch, mask)`` of ``best`` where ``score`` is lower (as
-    :func:`run_awm` keeps a strictly lower score); ``final`` also replaces members that never
-    had a finite score, so every member returns a mask."""
-    best_score, best_epoch, best_mask = best
-    better = score < best_score
-    if final:
-        better = better | ~jnp.isfinite(best_score)
-    pick = lambda new, old: jnp.where(better.reshape(-1, *[1] * (new.ndim - 1)), new, old)
-    return (pick(score, best_score), pick(jnp.full_like(best_epoch, epoch), best_epoch),
-            jax.tree_util.tree_map(pick, mask, best_mask))
-
-
-@jax.jit
-def _fold_in(keys, step):
-    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
-
-
 @functools.partial(jax.jit, static_argnums=1)
 def _step_keys(epoch_keys, steps_per_phase):
-    """``key[T, M]`` trigger and mask step keys: member ``m`` gets ``phase_keys`` of its key."""
+    """``T`` trigger and ``T`` mask step keys ``key[M]``: member ``m`` gets ``phase_keys`` of its
+    key. Tuples of arrays rather than ``key[T, M]``, so that no step indexes an array that spans
+    processes."""
     trigger, mask = jax.vmap(lambda k: phase_keys(k, steps_per_phase))(epoch_keys)
-    return trigger.swapaxes(0, 1), mask.swapaxes(0, 1)
+    return tuple(trigger.swapaxes(0, 1)), tuple(mask.swapaxes(0, 1))
 
 
 def _check_inputs(config: AWMConfig, hparams: AWMHparams, keys) -> int:
@@ -240,10 +246,14 @@ def _pad_members(tree, total: int):
     return jax.tree_util.tree_map(pad, tree)
 
 
+
+
 def run_sweep(model: nn.Module, variables: Variables, clean: Split, config: AWMConfig,
               spec: SweepSpec | AWMHparams, keys: PRNGKey | None = None, *,
               chunk_size: int | None = None, mesh: jax.sharding.Mesh | None = None,
-              num_classes: int | None = None, progress: bool = True) -> SweepResult:
+              num_classes: int | None = None, progress: bool = True,
+              workdir: str | os.PathLike | None = None, checkpoint_every: int = 1,
+              max_to_keep: int = 2, resume: bool = False) -> SweepResult:
     """Runs AWM for every sweep member at once (vmapped), in chunks, optionally over devices.
 
     Args:
@@ -256,99 +266,104 @@ def run_sweep(model: nn.Module, variables: Variables, clean: Split, config: AWMC
       keys: ``key[M]`` defense keys; required with stacked hparams, ignored with a spec.
       chunk_size: members per compiled chunk; None picks it with :func:`estimate_chunk_size`.
         Rounded up to a multiple of the mesh's ``"sweep"`` size.
-      mesh: a :func:`make_sweep_mesh` mesh; None runs on the default device.
+      mesh: a :func:`make_sweep_mesh` mesh; None runs on the default device. The mesh may span
+        processes (:mod:`awm_jax.sweep.distributed`); every process then calls this function
+        with the same arguments and gets the whole result.
       num_classes: if given, clean labels are checked against it.
-      progress: show a progress bar over chunks x epochs.
+      progress: show a progress bar over chunks x epochs (on process 0).
+      workdir: if given, the sweep's whole progress is checkpointed there with orbax
+        (:mod:`awm_jax.sweep.checkpointing`) every ``checkpoint_every`` epochs (counted over
+        all chunks) and after the last one.
+      checkpoint_every: epochs between checkpoints.
+      max_to_keep: checkpoints kept in ``workdir``.
+      resume: continue from the newest checkpoint in ``workdir`` (a fresh start if there is
+        none; a finished sweep returns its saved results). Without ``resume``, a ``workdir``
+        holding checkpoints is an error. A resumed sweep returns the same masks, metrics and
+        selected epochs, bit for bit, as an uninterrupted one with the same inputs, chunk size
+        and mesh (on the same device type).
 
     Returns:
       A :class:`SweepResult` with ``M`` members in spec order.
 
     Raises:
       ValueError: invalid clean data, hparams/keys of mismatched sizes, a non-positive chunk
-        size, or clean data that the mesh's ``"data"`` axis does not divide.
+        size, clean data that the mesh's ``"data"`` axis does not divide, ``resume`` without
+        ``workdir``, a ``workdir`` with a sweep spanning processes, checkpoints in ``workdir``
+        without ``resume``, or a checkpoint of another config, chunk size, mesh or inputs.
     """
+    if resume and workdir is None:
+        raise ValueError("resume=True needs a workdir to resume from; got workdir=None.")
+    if workdir is not None and jax.process_count() > 1:
+        raise ValueError(f"workdir={str(workdir)!r}: checkpointing a sweep that spans "
+                         f"{jax.process_count()} processes is not supported; run it without "
+                         "a workdir, or checkpoint single-process sweeps (one per host).")
     hparams, keys = spec.stack(config) if isinstance(spec, SweepSpec) else (spec, keys)
     count = _check_inputs(config, hparams, keys)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}.")
     data = _validate_clean(clean, num_classes)
-    steps = make_awm_steps(model, config, int(data["label"].shape[0]))
+    driver = _driver(model, config, int(data["label"].shape[0]))
     frozen = Frozen(variables["params"], variables["batch_stats"])
     multiple = mesh_lib.sweep_size(mesh)
     if chunk_size is None:
         chunk_size = estimate_chunk_size(mask_size(create_mask(frozen.params, config.mask_scope)),
                                          count, multiple)
     chunk_size = math.ceil(min(chunk_size, count) / multiple) * multiple
-    padded = math.ceil(count / chunk_size) * chunk_size
-    hparams, keys = _pad_members((hparams, keys), padded)
-    driver = _VmappedDriver(steps, config)
+    num_chunks = math.ceil(count / chunk_size)
+    checkpointer = None
+    if workdir is not None:
+        checkpointer = SweepCheckpointer(
+            workdir, config, fingerprint(hparams, keys, data, variables), chunk_size=chunk_size,
+            num_chunks=num_chunks, sweep_devices=multiple, checkpoint_every=checkpoint_every,
+            max_to_keep=max_to_keep)
+    hparams, keys = _pad_members((hparams, keys), num_chunks * chunk_size)
     frozen, data = mesh_lib.replicate(frozen, mesh), mesh_lib.shard_data(data, mesh)
+
+    def members(index):
+        first = index * chunk_size
+        chunk = jax.tree_util.tree_map(lambda x: x[first:first + chunk_size], (hparams, keys))
+        return mesh_lib.shard_members(chunk, mesh)
+
+    def state_like():
+        shapes = jax.eval_shape(driver.init, frozen.params, data, members(0)[0])
+        return jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
     start = time.perf_counter()
-    bar = tqdm(total=padded // chunk_size * config.outer_epochs, desc="AWM sweep",
-               unit="epoch", disable=not progress)
-    outputs = []
-    for first in range(0, padded, chunk_size):
-        chunk = jax.tree_util.tree_map(lambda x, first=first: x[first:first + chunk_size],
-                                       (hparams, keys))
-        outputs.append(_run_chunk(driver, frozen, data, *mesh_lib.shard_members(chunk, mesh),
-                                  bar))
-    bar.close()
-    masks = jax.tree_util.tree_map(lambda *m: np.concatenate(m)[:count],
-                                   *[mask for mask, _, _ in outputs])
-    history = {name: np.concatenate([h[name] for _, h, _ in outputs], axis=1)[:, :count]
-               for name in outputs[0][1]}
-    selected = np.concatenate([epochs for _, _, epochs in outputs])[:count]
-    return SweepResult(masks, history, selected, time.perf_counter() - start, chunk_size)
-
-
-def _run_chunk(driver: _VmappedDriver, frozen, data, hparams, keys, bar):
-    """All epochs of one chunk, with :func:`run_awm`'s selection bookkeeping per member.
-
-    Returns:
-      ``(masks, history, selected_epoch)``: the selected masks ``[C, ...]`` (numpy),
-      ``name -> float32[E, C]`` (``"selection_score"`` row ``e``: the score of the mask after
-      epoch ``e + 1``) and ``int32[C]`` 1-based selected epochs.
-    """
-    config = driver.config
     epochs = config.outer_epochs
-    state = driver.init(frozen.params, data, hparams)
-    shrink_keys, epochs_keys = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
-    if config.shrink_epochs:
-        shrink_state = driver.shrink_init(state.mask)
-        for step in range(config.shrink_epochs * driver.steps.steps_per_phase):
-            state, shrink_state, _ = driver.shrink_step(
-                state, shrink_state, frozen, data, _fold_in(shrink_keys, step), hparams)
-    average_from = epochs - math.ceil(epochs / 2)
-    selecting = config.mask_selection == "min_robust_loss"
-    members = keys.shape[0]
-    # (score, epoch, mask) per member; the placeholder mask is replaced before it is returned.
-    best = (jnp.full((members,), jnp.inf, jnp.float32), jnp.full((members,), epochs, jnp.int32),
-            jax.tree_util.tree_map(jnp.copy, state.mask))
-    mask_sum, history, scores = None, [], []
-    for epoch in range(epochs):
-        epoch_keys = _fold_in(epochs_keys, epoch)
-        state, trigger_metrics = driver.trigger_phase(state, frozen, data, epoch_keys, hparams)
-        if selecting and epoch > 0:  # the score of the mask after epoch ``epoch`` (1-based)
-            best = _keep_best(best, trigger_metrics["selection_score"], epoch, state.mask)
-            scores.append(trigger_metrics["selection_score"])
-        state, mask_metrics = driver.mask_phase(state, frozen, data, epoch_keys, hparams)
-        history.append({**trigger_metrics, **mask_metrics})
-        if config.mask_selection == "average" and epoch >= average_from:
-            mask_sum = (jax.tree_util.tree_map(jnp.copy, state.mask) if mask_sum is None
-                        else _add_masks(mask_sum, state.mask))
-        bar.update(1)
-    mask, selected = state.mask, np.full((members,), epochs, np.int32)
-    if config.mask_selection == "average":
-        mask = jax.tree_util.tree_map(lambda m: m / (epochs - average_from), mask_sum)
-        selected[:] = average_from + 1
-    elif selecting:  # one more trigger phase scores the final mask, as in run_awm
-        state, final = driver.trigger_phase(state, frozen, data,
-                                            _fold_in(epochs_keys, epochs), hparams)
-        scores.append(final["selection_score"])
-        _, selected, mask = _keep_best(best, final["selection_score"], epochs, state.mask,
-                                       final=True)
-    history = {name: np.stack([np.asarray(h[name]) for h in history])
-               for name in history[0] if name != "selection_score"}
-    if selecting:
-        history["selection_score"] = np.stack([np.asarray(s) for s in scores])
-    return jax.tree_util.tree_map(np.asarray, mask), history, np.asarray(selected, np.int32)
+    bar = None
+    try:
+        run = checkpointer.start(resume, state_like) if checkpointer is not None else None
+        run = run or SweepProgress()
+        if run.chunk is not None:
+            run.chunk = _placed(run.chunk, mesh)
+        bar = tqdm(total=num_chunks * epochs, initial=run.step(epochs), desc="AWM sweep",
+                   unit="epoch", disable=not progress or jax.process_index() != 0)
+        while run.chunks_done < num_chunks:
+            chunk_hparams, chunk_keys = members(run.chunks_done)
+            _, epochs_keys = split_member_keys(chunk_keys)
+            if run.chunk is None:
+                run.chunk = start_chunk(driver, frozen, data, chunk_hparams, chunk_keys)
+            while run.chunk is not None:
+                run_epoch(driver, run.chunk, frozen, data, chunk_hparams, epochs_keys)
+                if run.chunk.epochs_done == epochs:
+                    run.add_chunk(*finish_chunk(driver, run.chunk, frozen, data, chunk_hparams,
+                                                epochs_keys))
+                if checkpointer is not None:
+                    checkpointer.maybe_save(run)
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        if checkpointer is not None:
+            checkpointer.close()
+    return SweepResult(jax.tree_util.tree_map(lambda m: m[:count], run.masks),
+                       {name: values[:, :count] for name, values in run.history.items()},
+                       run.selected[:count], time.perf_counter() - start, chunk_size)
+
+
+def _placed(chunk: ChunkProgress, mesh) -> ChunkProgress:
+    """A restored chunk's arrays with their member axis over the mesh's ``"sweep"`` axis."""
+    if mesh is None:
+        return chunk
+    return dataclasses.replace(chunk, **mesh_lib.shard_members(
+        {"state": chunk.state, "best": chunk.best, "mask_sum": chunk.mask_sum}, mesh))

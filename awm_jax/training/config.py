@@ -11,6 +11,7 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+from awm_jax.perf import CONV_IMPLS
 from awm_jax.serialization import as_tuples
 
 SCHEDULES = ("constant", "cosine", "multistep")
@@ -58,6 +59,9 @@ class TrainConfig:
       poison_rate: fraction of the attack's candidate training images that are poisoned, in (0, 1].
       seed: root of every PRNG key of the run (poison, init, data order, augmentation, trigger).
       eval_batch_size: batch size for test-set evaluation.
+      conv_impl: the conv implementation the model trains with (:data:`awm_jax.perf.CONV_IMPLS`;
+        ``"fast"``: per-shape conv weight gradients, :mod:`awm_jax.perf.fast_conv`). It is not
+        part of the saved model: the variables do not depend on it.
     """
 
     model: str = "small_cnn"
@@ -77,6 +81,7 @@ class TrainConfig:
     poison_rate: float = 0.1
     seed: int = 0
     eval_batch_size: int = 500
+    conv_impl: str = "lax"
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -106,6 +111,8 @@ class TrainConfig:
                              f"flip={self.flip!r}.")
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0; got momentum=0.")
+        if self.conv_impl not in CONV_IMPLS:
+            raise ValueError(f"conv_impl must be one of {CONV_IMPLS}; got {self.conv_impl!r}.")
         self._check_schedule()
 
     def _check_schedule(self) -> None:
@@ -128,8 +135,15 @@ class TrainConfig:
             raise ValueError(f"milestones must be strictly increasing; got {self.milestones}.")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (tuples become lists when dumped)."""
-        return dataclasses.asdict(self)
+        """A JSON-serialisable dict (tuples become lists when dumped).
+
+        ``conv_impl="lax"`` is left out, so that runs stored before the field existed (their
+        checkpoints and metadata) compare equal to new ones with the default.
+        """
+        values = dataclasses.asdict(self)
+        if values["conv_impl"] == "lax":
+            del values["conv_impl"]
+        return values
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":

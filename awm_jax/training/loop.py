@@ -34,6 +34,7 @@ from awm_jax.checkpoint import METADATA_FILE, VARIABLES_DIR, save_model
 from awm_jax.data.dataset import ImageDataset, Split
 from awm_jax.eval.metrics import evaluate_backdoor, make_predict_fn, predict_in_batches
 from awm_jax.models import create_model
+from awm_jax.perf import with_conv_impl
 from awm_jax.run_checkpoint import RunCheckpointer
 from awm_jax.training.config import TrainConfig
 from awm_jax.training.optimizer import create_optimizer
@@ -197,6 +198,8 @@ def train_backdoored_model(dataset: ImageDataset, attack: Attack | None, config:
                                                                trigger_key)
 
     model = create_model(config.model, dataset.num_classes, **config.model_kwargs)
+    if config.conv_impl != "lax":
+        model = with_conv_impl(model, config.conv_impl)
     count = len(poisoned.split)
     steps = math.ceil(count / config.batch_size)
     tx, schedule = create_optimizer(config, steps)

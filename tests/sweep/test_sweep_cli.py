@@ -64,6 +64,19 @@ def test_sweep_member_equals_purify_with_its_seed(checkpoint, swept, tmp_path):
         assert member[name] == pytest.approx(single[name], abs=2e-3)
 
 
+def test_sweep_cli_checkpoints_and_resumes(checkpoint, swept, tmp_path):
+    work = tmp_path / "work"
+    args = ["sweep", "--checkpoint", str(checkpoint), "--grid", "alpha=0.8,0.9", "--grid",
+            "tau=50,100", "--seeds", "0", "1", *AWM_FLAGS, "--quiet", "--workdir", str(work)]
+    assert main([*args, "--out", str(tmp_path / "first")]) == 0
+    assert sorted(p.name for p in work.iterdir()) == ["seed_0", "seed_1"]
+    assert main([*args, "--out", str(tmp_path / "again")]) == 2  # would overwrite: refused
+    assert main([*args, "--resume", "--out", str(tmp_path / "again")]) == 0  # reloads
+    rows = [json.loads((d / "sweep.json").read_text())["rows"]
+            for d in (swept, tmp_path / "first", tmp_path / "again")]
+    assert rows[0] == rows[1] == rows[2]
+
+
 def test_sweep_cli_rejects_static_fields(checkpoint, tmp_path, capsys):
     code = main(["sweep", "--checkpoint", str(checkpoint), "--grid", "outer_epochs=1,2",
                  "--out", str(tmp_path), "--quiet"])

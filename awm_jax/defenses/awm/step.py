@@ -35,6 +35,7 @@ from awm_jax.defenses.awm.config import AWMConfig, AWMHparams
 from awm_jax.defenses.awm.mask import apply_mask, clip_mask, create_mask, mask_l1
 from awm_jax.defenses.awm.trigger import l1_rescale, project_l1_ball
 from awm_jax.models.base import apply_model
+from awm_jax.perf import with_conv_impl
 from awm_jax.types import Array, Batch, Mask, Metrics, PRNGKey
 
 
@@ -107,13 +108,16 @@ def make_awm_steps(model: nn.Module, config: AWMConfig, num_clean: int) -> AWMSt
 
     The batch is ``min(config.batch_size, num_clean)`` and each phase has
     ``max(1, num_clean // batch) * config.inner_passes`` steps, so that N < batch size still
-    trains (the official code runs zero steps then).
+    trains (the official code runs zero steps then). A model with a ``conv_impl`` attribute runs
+    with ``config.conv_impl`` (same variables).
 
     Raises:
       ValueError: ``num_clean`` < 1.
     """
     if num_clean < 1:
         raise ValueError(f"AWM needs at least one clean image; got {num_clean}.")
+    if hasattr(model, "conv_impl"):
+        model = with_conv_impl(model, config.conv_impl)
     batch_size = min(config.batch_size, num_clean)
     steps_per_phase = max(1, num_clean // batch_size) * config.inner_passes
     tx = _mask_optimizer(config)
