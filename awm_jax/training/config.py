@@ -135,15 +135,8 @@ class TrainConfig:
             raise ValueError(f"milestones must be strictly increasing; got {self.milestones}.")
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict (tuples become lists when dumped).
-
-        ``conv_impl="lax"`` is left out, so that runs stored before the field existed (their
-        checkpoints and metadata) compare equal to new ones with the default.
-        """
-        values = dataclasses.asdict(self)
-        if values["conv_impl"] == "lax":
-            del values["conv_impl"]
-        return values
+        """A JSON-serialisable dict (tuples become lists when dumped)."""
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":

@@ -148,13 +148,8 @@ class AWMConfig:
             self.lr_decay)))
 
     def to_dict(self) -> dict:
-        values = dataclasses.asdict(self)
-        # The default is left out so that configs stored before this field existed
-        # (checkpoints, sweep tables) still equal a default config: the implementations differ
-        # only by float32 rounding.
-        if values["conv_impl"] == _DEFAULT_CONV_IMPL:
-            del values["conv_impl"]
-        return values
+        """Every field, so that reports and checkpoints record the conv implementation too."""
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict) -> "AWMConfig":
@@ -164,8 +159,6 @@ class AWMConfig:
             raise ValueError(f"unknown AWM config keys {unknown}; known: {sorted(known)}.")
         return cls(**values)
 
-
-_DEFAULT_CONV_IMPL = AWMConfig.conv_impl
 
 
 def official_one_shot(**overrides) -> AWMConfig:
