@@ -47,8 +47,8 @@ def as_json(value: Any) -> Any:
 
 
 def abstract_tree(tree: Any) -> Any:
-    """The ``jax.ShapeDtypeStruct`` tree of ``tree`` on the first device (a restore target)."""
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    """The ``jax.ShapeDtypeStruct`` tree of ``tree`` on the first local device (a restore target)."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                         jax.eval_shape(lambda: tree))
 

@@ -172,15 +172,20 @@ def main() -> None:
                 logs.mkdir(parents=True, exist_ok=True)
                 _train(argv, model_dir, logs / f"{name}_{attack_name}.log")
             rows.append(_row(name, attack_name, model_dir, argv))
+            # Rewritten after every model, so a driver stopped mid-zoo leaves a current table.
+            _write_table(REPO_ROOT / args.out, rows, args.size)
     if args.dry_run:
         return
-    out = REPO_ROOT / args.out
+    _write_table(REPO_ROOT / args.out, rows, args.size)
+    print(_markdown(rows))
+
+
+def _write_table(out: Path, rows: list[dict], size: str) -> None:
     write_json_atomic(out / "results.json", {
         "command": shlex.join(["python", "experiments/backdoor_zoo.py", *sys.argv[1:]]),
-        "size": args.size, "acc_target": ACC_TARGET, "asr_target": ASR_TARGET, "rows": rows,
+        "size": size, "acc_target": ACC_TARGET, "asr_target": ASR_TARGET, "rows": rows,
         "versions": library_versions()})
     write_atomic(out / "summary.md", lambda tmp: Path(tmp).write_text(_markdown(rows)))
-    print(_markdown(rows))
 
 
 if __name__ == "__main__":
