@@ -52,6 +52,7 @@ from awm_jax.defenses.awm.mask import apply_mask, mask_statistics
 from awm_jax.defenses.awm.step import Frozen, phase_keys
 from awm_jax.defenses.base import DEFENSES, Defense, DefenseResult, build_once
 from awm_jax.defenses.checkpointing import open_checkpointer
+from awm_jax.defenses.divergence import raise_if_diverged
 from awm_jax.defenses.finetune import ConfigDictMixin, check_positive, validate_clean
 from awm_jax.types import Variables
 
@@ -194,7 +195,18 @@ class _Jitted(NamedTuple):
 
 
 def _mean(metrics: list[dict]) -> dict[str, float]:
-    return {k: float(jnp.mean(jnp.stack([m[k] for m in metrics]))) for k in metrics[0]}
+    return {k: float(jnp.mean(jnp.stack([m[k] for m in metrics]))) for k in metrics[0]
+            if k != "finite"}
+
+
+# Checked for NaN/Inf after every epoch (AWM's runner checks the same ones).
+_CHECKED = ("loss", "natural_ce", "adversarial_ce", "mask_l1", "trigger_ce", "trigger_l1")
+
+
+def _lower(config: AblationConfig) -> dict[str, float]:
+    """The hyperparameters that can make this setup diverge."""
+    names = ("mask_lr", "trigger_lr" if config.adversary == "trigger" else "eps")
+    return {name: getattr(config, name) for name in names + (("gamma",) if config.l1 else ())}
 
 
 def _jitted_steps(model, config: AblationConfig, variables: Variables, count: int):
@@ -265,6 +277,9 @@ def _purify(model, variables, clean, key, config: AblationConfig, *, num_classes
                                        config, epoch, done, count, per_epoch)
             done += count
             record = {"epoch": epoch + 1, "iteration": done, **record}
+            raise_if_diverged(record, what="ablation", epoch=epoch + 1, total=epochs,
+                              metrics=_CHECKED, lower=_lower(config),
+                              checkpointer=checkpointer.run)
             eval_start = time.perf_counter()
             if on_epoch is not None:
                 record.update(on_epoch(epoch + 1, output_variables(variables, state.mask,

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 
 from awm_jax.defenses.base import DEFENSES, Defense, DefenseResult, build_once
 from awm_jax.defenses.checkpointing import open_checkpointer
+from awm_jax.defenses.divergence import raise_if_diverged
 from awm_jax.defenses.finetune import ConfigDictMixin, check_positive, validate_clean
 from awm_jax.models.base import apply_model
 from awm_jax.types import Array, Batch, Metrics, PRNGKey, Variables
@@ -243,7 +244,7 @@ def _run_block(step, state, data, key, hparams, iterations: range, bar):
         bar.update()
     return state, {"iteration": iterations[-1] + 1,
                    **{k: float(jnp.mean(jnp.stack([m[k] for m in metrics])))
-                      for k in metrics[0]}}
+                      for k in metrics[0] if k != "finite"}}
 
 
 def _purify(model, variables, clean, key, config: ANPConfig, *, num_classes=None,
@@ -275,6 +276,10 @@ def _purify(model, variables, clean, key, config: ANPConfig, *, num_classes=None
                                    min((block + 1) * per_block, config.iterations))
                 state, record = _run_block(step, state, data, key, hparams, iterations, bar)
                 record = {"epoch": block + 1, **record}
+                raise_if_diverged(record, what="ANP", epoch=block + 1, total=blocks,
+                                  unit="block", metrics=("loss", "natural_ce", "perturbed_ce"),
+                                  lower={"mask_lr": config.mask_lr, "eps": config.eps},
+                                  checkpointer=checkpointer.run)
                 eval_start = time.perf_counter()
                 if on_epoch is not None:
                     record.update(on_epoch(block + 1, prune(variables, state.mask,

@@ -262,7 +262,8 @@ def _purify(model, variables, clean, key, config: FPConfig, *, num_classes=None,
             model, variables, data, tune_key, config, on_epoch=on_epoch, progress=progress,
             desc="FP", state=tune_state, first_epoch=first, history=history,
             after_epoch=lambda done, s, h: checkpointer.save(
-                1 + done, {"keep": keep, "ft": s}, {"prune": facts, "history": h}))
+                1 + done, {"keep": keep, "ft": s}, {"prune": facts, "history": h}),
+            checkpointer=checkpointer.run)
     details = {"layer": "/".join(layer.kernel_path), "batchnorm": "/".join(layer.bn_path or ()),
                "channels": layer.channels, **facts,
                "pruned_channels": np.flatnonzero(np.asarray(keep) == 0).tolist()}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -31,6 +31,7 @@ from awm_jax.data.augment import random_crop_flip
 from awm_jax.data.dataset import Split
 from awm_jax.defenses.base import DEFENSES, Defense, DefenseResult, build_once
 from awm_jax.defenses.checkpointing import open_checkpointer
+from awm_jax.defenses.divergence import raise_if_diverged
 from awm_jax.models.base import apply_model
 from awm_jax.types import (
     Array,
@@ -145,8 +146,9 @@ def validate_clean(clean: Split, num_classes: int | None) -> dict[str, Array]:
 def run_epochs(step, state, data: dict[str, Array], key: PRNGKey, hparams, *, epochs: int,
                batch_size: int, on_epoch=None, progress: bool = True, desc: str = "FT",
                variables_of=lambda s: s.variables, first_epoch: int = 0,
-               history: list[dict] | None = None,
-               after_epoch=None) -> tuple[Any, list[dict], float]:
+               history: list[dict] | None = None, after_epoch=None,
+               lower: Mapping[str, Any] | None = None,
+               checkpointer=None) -> tuple[Any, list[dict], float]:
     """Drives a jitted ``step`` over ``epochs`` shuffled passes of ``data``.
 
     Each epoch permutes the images with ``fold_in(key, epoch)`` and takes
@@ -157,6 +159,12 @@ def run_epochs(step, state, data: dict[str, Array], key: PRNGKey, hparams, *, ep
     their ``history``; since every epoch's keys come from ``fold_in(key, epoch)`` it continues
     exactly as the uninterrupted run. ``after_epoch(epochs_done, state, history)`` is called
     after every epoch (e.g. to checkpoint).
+
+    Raises:
+      FloatingPointError: an epoch's mean loss is NaN or infinite, before ``after_epoch`` saves
+        it; the message names ``desc``, the epoch, the hyperparameters of ``lower`` (default:
+        ``learning_rate``) and ``checkpointer``'s newest checkpoint
+        (:func:`~awm_jax.defenses.divergence.raise_if_diverged`).
     """
     count = int(data["label"].shape[0])
     batch = min(batch_size, count)
@@ -174,7 +182,9 @@ def run_epochs(step, state, data: dict[str, Array], key: PRNGKey, hparams, *, ep
                                        hparams)
             metrics.append(step_metrics)
         record = {"epoch": epoch + 1, **{k: float(jnp.mean(jnp.stack([m[k] for m in metrics])))
-                                         for k in metrics[0]}}
+                                         for k in metrics[0] if k != "finite"}}
+        raise_if_diverged(record, what=desc, epoch=epoch + 1, total=epochs,
+                          lower=lower or ("learning_rate",), checkpointer=checkpointer)
         if on_epoch is not None:
             eval_start = time.perf_counter()
             record.update(on_epoch(epoch + 1, variables_of(state)))
@@ -266,12 +276,15 @@ def sgd_hparams(config) -> SGDHparams:
 def finetune(model: nn.Module, variables: Variables, data: dict[str, Array], key: PRNGKey,
              config, *, mask=None, on_epoch=None, progress: bool = True, desc: str = "FT",
              state: FTState | None = None, first_epoch: int = 0,
-             history: list[dict] | None = None, after_epoch=None):
+             history: list[dict] | None = None, after_epoch=None,
+             lower: Mapping[str, Any] | None = None, checkpointer=None):
     """Fine-tunes ``variables`` (optionally under a fixed 0/1 ``mask``); returns
     ``(variables, history, seconds)``. ``config`` needs the :class:`FTConfig` fields.
 
     ``state``/``first_epoch``/``history`` continue a restored run and ``after_epoch`` is called
-    after every epoch with ``(epochs_done, state, history)`` (see :func:`run_epochs`).
+    after every epoch with ``(epochs_done, state, history)``; a non-finite loss stops the run
+    with a FloatingPointError that suggests lowering ``lower`` (default: ``learning_rate`` and
+    its value) and names ``checkpointer``'s newest checkpoint (see :func:`run_epochs`).
     """
     step = build_once(_jitted_sgd_step, model, config.crop_padding, config.flip,
                       config.nesterov)
@@ -281,7 +294,9 @@ def finetune(model: nn.Module, variables: Variables, data: dict[str, Array], key
                                          epochs=config.epochs, batch_size=config.batch_size,
                                          on_epoch=on_epoch, progress=progress, desc=desc,
                                          first_epoch=first_epoch, history=history,
-                                         after_epoch=after_epoch)
+                                         after_epoch=after_epoch,
+                                         lower=lower or {"learning_rate": config.learning_rate},
+                                         checkpointer=checkpointer)
     return state.variables, history, seconds
 
 
@@ -299,7 +314,8 @@ def _purify(model, variables, clean, key, config: FTConfig, *, num_classes=None,
         purified, history, seconds = finetune(
             model, variables, data, key, config, on_epoch=on_epoch, progress=progress,
             state=state, first_epoch=meta["step"], history=meta.get("history"),
-            after_epoch=lambda done, s, h: checkpointer.save(done, s, {"history": h}))
+            after_epoch=lambda done, s, h: checkpointer.save(done, s, {"history": h}),
+            checkpointer=checkpointer.run)
     steps = config.epochs * max(1, len(clean) // min(config.batch_size, len(clean)))
     return DefenseResult(purified, history, seconds + checkpointer.seconds_before,
                          {"steps": steps})

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from awm_jax.defenses.base import DEFENSES, Defense, DefenseResult, build_once
 from awm_jax.defenses.checkpointing import open_checkpointer
+from awm_jax.defenses.divergence import raise_if_diverged
 from awm_jax.defenses.finetune import ConfigDictMixin, check_positive, validate_clean
 from awm_jax.models.base import apply_model
 from awm_jax.types import Array, Batch, PRNGKey, Variables
@@ -285,7 +286,8 @@ def _run_round(perturb, unlearn, bound, state: IBAUState, data, round_key, hpara
                                  jax.random.fold_in(round_key, index), hparams)
         outer.append(metrics)
     return state, {"perturbation_l2": norm,
-                   **{k: v for k, v in _mean(inner).items() if k != "finite"}, **_mean(outer)}
+                   **{k: v for k, v in {**_mean(inner), **_mean(outer)}.items()
+                      if k != "finite"}}
 
 
 def _purify(model, variables, clean, key, config: IBAUConfig, *, num_classes=None,
@@ -320,6 +322,9 @@ def _purify(model, variables, clean, key, config: IBAUConfig, *, num_classes=Non
                                         ordered_batches(count, batch))
             norms.append(summary["perturbation_l2"])
             record = {"epoch": round_index + 1, **summary}
+            raise_if_diverged(record, what="I-BAU", epoch=round_index + 1, total=config.rounds,
+                              unit="round", metrics=_CHECKED, lower=_lower(config),
+                              checkpointer=checkpointer.run)
             eval_start = time.perf_counter()
             if on_epoch is not None:
                 record.update(on_epoch(round_index + 1, state.variables))
@@ -329,6 +334,14 @@ def _purify(model, variables, clean, key, config: IBAUConfig, *, num_classes=Non
     details = {"perturbation_l2": norms, "steps": int(state.step), "patched_per_batch": patched}
     seconds = time.perf_counter() - start - excluded + checkpointer.seconds_before
     return DefenseResult(state.variables, history, seconds, details)
+
+
+_CHECKED = ("perturbation_ce", "perturbation_l2", "ce", "hypergradient_norm")
+
+
+def _lower(config: IBAUConfig) -> dict[str, float]:
+    return {name: getattr(config, name) for name in (
+        "learning_rate", "inner_learning_rate", "perturbation_learning_rate")}
 
 
 @DEFENSES.register("ibau")

@@ -246,7 +246,9 @@ def _purify(model, variables, clean, key, config: NADConfig, *, num_classes=None
                 first_epoch=meta["step"], history=teacher_history,
                 after_epoch=lambda done, s, h: checkpointer.save(
                     done, {"teacher": s}, {"phase": "teacher", "teacher_history": h},
-                    force=done == teacher_epochs))
+                    force=done == teacher_epochs),
+                lower={"teacher_learning_rate": config.teacher_learning_rate},
+                checkpointer=checkpointer.run)
         else:
             student = arrays["student"]
             teacher = student.teacher
@@ -261,7 +263,9 @@ def _purify(model, variables, clean, key, config: NADConfig, *, num_classes=None
             first_epoch=max(0, meta["step"] - teacher_epochs), history=meta.get("history"),
             after_epoch=lambda done, s, h: checkpointer.save(
                 teacher_epochs + done, {"student": s},
-                {"phase": "student", "teacher_history": teacher_history, "history": h}))
+                {"phase": "student", "teacher_history": teacher_history, "history": h}),
+            lower={"learning_rate": config.learning_rate, "beta": config.beta},
+            checkpointer=checkpointer.run)
     details = {"layers": list(layers),
                "teacher_final_ce": teacher_history[-1]["ce"] if teacher_history else None}
     return DefenseResult(student.variables, history,

@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 
 from awm_jax.defenses.base import DEFENSES, Defense, DefenseResult, build_once
 from awm_jax.defenses.checkpointing import open_checkpointer
+from awm_jax.defenses.divergence import raise_if_diverged
 from awm_jax.defenses.finetune import (
     ConfigDictMixin,
     FTConfig,
@@ -399,13 +400,18 @@ def _jitted_search_steps(model: nn.Module, config: NCConfig, count: int, num_cla
 def reverse_engineer(model: nn.Module, variables: Variables, data: Batch, key: PRNGKey,
                      config: NCConfig, num_classes: int, progress: bool = True, *,
                      state: TriggerState | None = None, first_pass: int = 0,
-                     after_pass=None):
+                     after_pass=None, checkpointer=None):
     """Runs the vmapped trigger search; returns ``(state, passes run)``.
 
     A restored run passes its ``state`` and the passes it had finished as ``first_pass``;
     every pass's keys are ``fold_in(run_key, pass)``, so it continues exactly as the
     uninterrupted run. ``after_pass(passes_done, state, finished)`` is called after every pass
     (``finished``: the search ends there), e.g. to checkpoint.
+
+    Raises:
+      FloatingPointError: a class's mean loss ``CE + cost * |m|_1`` over a pass is NaN or
+        infinite (checked before ``after_pass``; ``checkpointer``'s newest checkpoint is named).
+        A class without a successful trigger (``best_l1 = inf``) is not a divergence.
     """
     optimizer = make_optimizer(config)
     init_key, run_key = jax.random.split(key)
@@ -419,10 +425,17 @@ def reverse_engineer(model: nn.Module, variables: Variables, data: Batch, key: P
     for epoch in tqdm(range(first_pass, config.epochs), desc="NC", unit="pass",
                       disable=not progress, initial=first_pass, total=config.epochs):
         epoch_key = jax.random.fold_in(run_key, epoch)
+        losses = []
         for index in range(config.batches_per_epoch):
-            state, _ = step(state, data, jax.random.fold_in(epoch_key, index))
+            state, metrics = step(state, data, jax.random.fold_in(epoch_key, index))
+            losses.append(metrics["loss"])
         state, _ = end_epoch(state, hparams)
         passes = epoch + 1
+        raise_if_diverged({"loss": np.asarray(jnp.mean(jnp.stack(losses), axis=0))},
+                          what="NC trigger search", epoch=passes, total=config.epochs,
+                          unit="pass", lower={"learning_rate": config.learning_rate,
+                                              "init_cost": config.init_cost},
+                          checkpointer=checkpointer)
         finished = bool(jnp.all(state.done)) or passes == config.epochs
         if after_pass is not None:
             after_pass(passes, state, finished)
@@ -446,8 +459,9 @@ def mitigate(model: nn.Module, variables: Variables, data: Batch, masks: Array, 
 
     Returns ``(variables, history, seconds, details)``; ``variables`` is the input itself (not
     a copy) and ``history`` empty when no class is flagged. ``resumed`` (``state``,
-    ``first_epoch``, ``history``, ``after_epoch``) continues or checkpoints the unlearning as
-    :func:`~awm_jax.defenses.finetune.finetune`.
+    ``first_epoch``, ``history``, ``after_epoch``, ``checkpointer``) continues or checkpoints
+    the unlearning as :func:`~awm_jax.defenses.finetune.finetune`, which also stops it with a
+    FloatingPointError if its loss turns non-finite.
     """
     norms = np.asarray(jnp.sum(jnp.abs(masks), axis=(1, 2, 3)))
     flagged = np.flatnonzero(np.asarray(flag_classes(norms, config.anomaly_threshold)))
@@ -460,9 +474,10 @@ def mitigate(model: nn.Module, variables: Variables, data: Batch, masks: Array, 
     stamp_key, unlearn_key = jax.random.split(key)
     unlearn_data = unlearning_set(data, masks, patterns, flagged, config.unlearn_fraction,
                                   stamp_key)
-    purified, history, seconds = finetune(model, variables, unlearn_data, unlearn_key,
-                                          _unlearn_config(config), on_epoch=on_epoch,
-                                          progress=progress, desc="NC unlearn", **resumed)
+    purified, history, seconds = finetune(
+        model, variables, unlearn_data, unlearn_key, _unlearn_config(config), on_epoch=on_epoch,
+        progress=progress, desc="NC unlearn",
+        lower={"unlearn_learning_rate": config.unlearn_learning_rate}, **resumed)
     return purified, history, seconds, details
 
 
@@ -510,7 +525,7 @@ def _purify(model, variables, clean, key, config: NCConfig, *, num_classes=None,
                 after_pass=lambda done, s, finished: checkpointer.save(
                     done, {"search": s.replace(variables=None)},
                     {"phase": "search", "passes": done, "search_finished": finished},
-                    force=finished))
+                    force=finished), checkpointer=checkpointer.run)
         masks, patterns, reached = final_triggers(state)
         search_seconds = time.perf_counter() - start
         searched = {"phase": "unlearn", "passes": passes, "search_finished": True}
@@ -520,7 +535,7 @@ def _purify(model, variables, clean, key, config: NCConfig, *, num_classes=None,
             first_epoch=max(0, meta["step"] - config.epochs), history=meta.get("history"),
             after_epoch=lambda done, s, h: checkpointer.save(
                 config.epochs + done, {"search": state.replace(variables=None), "ft": s},
-                {**searched, "history": h}))
+                {**searched, "history": h}), checkpointer=checkpointer.run)
     details.update(reached=np.asarray(reached).tolist(), cost=np.asarray(state.cost).tolist(),
                    passes=passes)
     return DefenseResult(purified, history,

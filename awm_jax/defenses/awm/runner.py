@@ -25,6 +25,7 @@ from awm_jax.defenses.awm.checkpointing import AWMCheckpointer, Progress, finger
 from awm_jax.defenses.awm.config import AWMConfig
 from awm_jax.defenses.awm.mask import fold_mask, mask_statistics
 from awm_jax.defenses.awm.step import AWMState, AWMSteps, Frozen, make_awm_steps, phase_keys
+from awm_jax.defenses.divergence import raise_if_diverged
 from awm_jax.types import PRNGKey, Variables, validate_images, validate_labels
 
 EpochCallback = Callable[[int, Variables], dict[str, float]]
@@ -255,17 +256,8 @@ def _select(driver: _Driver, run: Progress, frozen, data, epochs_key, hparams):
 
 def _check_finite(record: dict, epoch: int, checkpointer: AWMCheckpointer | None) -> None:
     """Raises FloatingPointError if a step metric of ``record`` is NaN or infinite."""
-    bad = sorted(k for k, v in record.items()
-                 if k in _STEP_METRICS and not math.isfinite(v))
-    if not bad:
-        return
-    latest = checkpointer.latest_path() if checkpointer is not None else None
-    where = (f"the last good checkpoint is {latest} (kept); resume=True restarts from it"
-             if latest else "no checkpoint was written before it" +
-             ("" if checkpointer is not None else " (workdir not set)"))
-    raise FloatingPointError(
-        f"AWM diverged in epoch {epoch}: non-finite {', '.join(f'{k}={record[k]}' for k in bad)};"
-        f" {where}. Lower trigger_lr, mask_lr or gamma.")
+    raise_if_diverged(record, what="AWM", epoch=epoch, metrics=_STEP_METRICS,
+                      lower=("trigger_lr", "mask_lr", "gamma"), checkpointer=checkpointer)
 
 
 _STEP_METRICS = frozenset({"loss", "clean_ce", "triggered_ce", "mask_l1", "trigger_ce",
