@@ -2,8 +2,9 @@
 
 Every defense's host loop calls :func:`raise_if_diverged` on an epoch's (round's, block's,
 pass's) record once it is complete and before that epoch's checkpoint is written, so a run that
-diverges leaves the checkpoint of its last epoch with finite metrics as the newest one, and
-``resume=True`` restarts from it. (An epoch's metrics are measured before each of its updates,
+diverges leaves the checkpoint of its last epoch with finite metrics as the newest one. (A
+resume with the same config would diverge again, since runs are deterministic, so the message
+suggests what to lower for a new run instead of ``resume=True``.) (An epoch's metrics are measured before each of its updates,
 so the last update of the last good epoch is kept unmeasured, as in training.) The steps
 themselves only report non-finite values as metrics (inside jit nothing can raise).
 """
@@ -53,7 +54,7 @@ def raise_if_diverged(record: Mapping[str, Any], *, what: str, epoch: int,
     if not bad:
         return
     latest = checkpointer.latest_path() if checkpointer is not None else None
-    where = (f"the last good checkpoint is {latest} (kept); resume=True restarts from it"
+    where = (f"the last good checkpoint is {latest} (kept)"
              if latest else "no checkpoint was written before it" +
              ("" if checkpointer is not None else " (workdir not set)"))
     at = f"{unit} {epoch}" if total is None else f"{unit} {epoch}/{total}"

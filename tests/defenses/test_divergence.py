@@ -29,7 +29,7 @@ _NO_CHECKPOINT = re.escape("; no checkpoint was written before it (workdir not s
 
 def test_ft_stops_before_saving_the_diverged_epoch(backdoor, tmp_path):
     message = (f"FT diverged in epoch 2/3: non-finite loss=nan; the last good checkpoint is "
-               f"{tmp_path / '1'} (kept); resume=True restarts from it. Lower learning_rate "
+               f"{tmp_path / '1'} (kept). Lower learning_rate "
                f"(now 1e+30).")
     with pytest.raises(FloatingPointError, match=f"^{re.escape(message)}$"):
         resume._run(backdoor, "ft", FTConfig(epochs=3, learning_rate=1e30), workdir=tmp_path)
@@ -89,6 +89,6 @@ def test_only_the_named_metrics_count():
                           lower={"lr": 0.1}, checkpointer=_Checkpointer(None))
     with pytest.raises(FloatingPointError, match=re.escape(
             "X diverged in epoch 2: non-finite loss=nan; the last good checkpoint is /w/1 "
-            "(kept); resume=True restarts from it. Lower a, b or c.")):
+            "(kept). Lower a, b or c.")):
         raise_if_diverged({"loss": float("nan")}, what="X", epoch=2, lower=("a", "b", "c"),
                           checkpointer=_Checkpointer("/w/1"))
