@@ -157,16 +157,11 @@ def _add_clean_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _clean_config(args):
-    from awm_jax.data.clean_subset import CleanDataConfig
+    from awm_jax.data.clean_subset import clean_data_config
 
-    settings = dict(crop_scale=tuple(args.crop_scale), flip=not args.no_flip)
-    if args.augment_views is not None:
-        settings["augment_views"] = args.augment_views
-    if args.one_shot:
-        return CleanDataConfig.one_shot(**settings)
-    if args.per_class is not None:
-        return CleanDataConfig(n_clean=None, per_class=args.per_class, **settings)
-    return CleanDataConfig(n_clean=args.n_clean, **settings)
+    return clean_data_config(n_clean=args.n_clean, per_class=args.per_class,
+                             one_shot=args.one_shot, augment_views=args.augment_views,
+                             crop_scale=args.crop_scale, flip=not args.no_flip)
 
 
 def _demo(args) -> dict:

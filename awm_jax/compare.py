@@ -253,9 +253,24 @@ def compare_checkpoint(checkpoint: str | os.PathLike, defenses: Sequence[str | D
     its ``metadata.json``, unless ``dataset_source`` overrides the dataset). Defense names are
     checked before the model is loaded."""
     resolve_defenses(defenses, kwargs.get("overrides"))
-    model, variables, metadata = load_model(checkpoint)
-    dataset = load_dataset(dataset_source or metadata["dataset"]["name"])
-    attack = create_attack(metadata["attack"]["name"], **metadata["attack"]["params"])
+    model, variables, dataset, attack, metadata = load_backdoored(checkpoint, dataset_source)
     return compare_defenses(model, variables, dataset, attack, defenses,
                             model_name=metadata["model"]["name"],
                             extra={"checkpoint": str(checkpoint)}, **kwargs)
+
+
+def load_backdoored(checkpoint: str | os.PathLike, dataset_source: str | None = None
+                    ) -> tuple[Any, Any, ImageDataset, Attack, dict[str, Any]]:
+    """A ``train-backdoor`` model with its dataset and attack, as ``awm-jax compare`` loads it.
+
+    Returns:
+      ``(model, variables, dataset, attack, metadata)``; the dataset is the one named in
+      ``metadata.json`` unless ``dataset_source`` overrides it.
+
+    Raises:
+      ValueError: no readable model in ``checkpoint``, or the dataset cannot be loaded.
+    """
+    model, variables, metadata = load_model(checkpoint)
+    dataset = load_dataset(dataset_source or metadata["dataset"]["name"])
+    attack = create_attack(metadata["attack"]["name"], **metadata["attack"]["params"])
+    return model, variables, dataset, attack, metadata

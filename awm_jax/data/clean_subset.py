@@ -58,6 +58,29 @@ class CleanDataConfig:
         return dataclasses.asdict(self)
 
 
+def clean_data_config(n_clean: int | None = 500, per_class: int | None = None,
+                      one_shot: bool = False, augment_views: int | None = None,
+                      crop_scale: tuple[float, float] = (0.08, 1.0),
+                      flip: bool = True) -> CleanDataConfig:
+    """The :class:`CleanDataConfig` that the CLI's clean-data flags describe.
+
+    ``one_shot`` wins over ``per_class``, which wins over ``n_clean`` (``--one-shot``,
+    ``--per-class``, ``--n-clean``); ``augment_views`` None keeps each form's default (one-shot
+    9, else 0).
+
+    Raises:
+      ValueError: invalid sizes (see :class:`CleanDataConfig`).
+    """
+    settings = {"crop_scale": tuple(crop_scale), "flip": flip}
+    if augment_views is not None:
+        settings["augment_views"] = augment_views
+    if one_shot:
+        return CleanDataConfig.one_shot(**settings)
+    if per_class is not None:
+        return CleanDataConfig(n_clean=None, per_class=per_class, **settings)
+    return CleanDataConfig(n_clean=n_clean, **settings)
+
+
 def draw_clean_subset(pool: Split, num_classes: int, key: PRNGKey, config: CleanDataConfig
                       ) -> tuple[Split, Split]:
     """Draws the defender's clean images from ``pool``.

@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 
 from awm_jax.data.augment import random_crop_flip, random_resized_crop
-from awm_jax.data.clean_subset import CleanDataConfig, draw_clean_subset
+from awm_jax.data.clean_subset import (
+    CleanDataConfig,
+    clean_data_config,
+    draw_clean_subset,
+)
 from awm_jax.data.dataset import Split
 from awm_jax.data.digits import load_digits
 
@@ -76,3 +80,12 @@ def test_digits_ship_offline_with_the_batch_contract():
     assert data.train.images.dtype == np.float32 and data.train.labels.dtype == np.int32
     assert 0.0 <= data.train.images.min() and data.train.images.max() <= 1.0
     assert data.num_classes == 10 and data.class_counts("test").sum() == 450
+
+
+def test_clean_data_config_follows_the_cli_flags_precedence():
+    assert clean_data_config() == CleanDataConfig()
+    assert clean_data_config(n_clean=100, per_class=2) == CleanDataConfig(n_clean=None,
+                                                                          per_class=2)
+    assert clean_data_config(n_clean=100, per_class=2, one_shot=True) == CleanDataConfig.one_shot()
+    assert clean_data_config(one_shot=True, augment_views=0, flip=False) == CleanDataConfig(
+        n_clean=None, per_class=1, augment_views=0, flip=False)
