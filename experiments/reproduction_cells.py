@@ -103,13 +103,27 @@ def to_run(cell: dict[str, Any] | None, wanted: dict[str, Any], clean: dict[str,
             or (retry_errors and rows[label].get("error"))], False
 
 
+def budget_overrides(overrides: dict[str, dict[str, Any]], budget: Budget,
+                     defenses: list[str]) -> dict[str, dict[str, Any]]:
+    """The overrides of ``defenses`` at one budget: the table's (with the command line's,
+    already merged into ``overrides``) over the budget's own, for the defenses that run."""
+    running = {label.partition(":")[0] for label in defenses}
+    merged = {name: dict(fields) for name, fields in budget.overrides.items() if name in running}
+    for name, fields in overrides.items():
+        merged[name] = {**merged.get(name, {}), **fields}
+    return merged
+
+
 def run_table(sel: Selection, train: TrainFn) -> bool:
     """Runs the selected cells that are not finished; returns whether a defense failed."""
     from awm_jax.compare import resolve_defenses
 
     config = sel.config
-    specs = resolve_defenses(sel.defenses, sel.overrides)
-    wanted = {s.label: _jsonable(s.config.to_dict()) for s in specs}
+    specs = {b.name: resolve_defenses(sel.defenses,
+                                      budget_overrides(sel.overrides, b, sel.defenses))
+             for b in sel.budgets}
+    wanted = {name: {s.label: _jsonable(s.config.to_dict()) for s in budget_specs}
+              for name, budget_specs in specs.items()}
     cells = [(a, b, s) for a in sel.attacks for b in sel.budgets for s in sel.seeds]
     if sel.dry_run:
         _list_cells(sel, cells, wanted)
@@ -120,7 +134,7 @@ def run_table(sel: Selection, train: TrainFn) -> bool:
         name = cell_name(config.dataset, attack, budget.name, seed)
         path = sel.table_dir / "cells" / f"{name}.json"
         old = _read_json(path)
-        labels, void = to_run(old, wanted, budget.clean.to_dict(),
+        labels, void = to_run(old, wanted[budget.name], budget.clean.to_dict(),
                               _model_sha(sel.model_dir(attack)), sel.retry_errors)
         if not labels:
             print(f"[{index}/{len(cells)}] {name}: done, skipped", flush=True)
@@ -130,7 +144,8 @@ def run_table(sel: Selection, train: TrainFn) -> bool:
         if attack not in loaded:
             loaded = {attack: _load(sel.model_dir(attack))}  # one model in memory at a time
         cell = _run_cell(sel, loaded[attack], attack, budget, seed,
-                         [s for s in specs if s.label in labels], None if void else old,
+                         [s for s in specs[budget.name] if s.label in labels],
+                         None if void else old,
                          sel.workdir / config.name / name, clearing=void)
         write_json_atomic(path, cell)
         failed = [r["label"] for r in cell["rows"] if r["error"] and r["label"] in labels]
@@ -193,13 +208,14 @@ def _list_cells(sel: Selection, cells, wanted) -> None:
     for index, (attack, budget, seed) in enumerate(cells, 1):
         name = cell_name(config.dataset, attack, budget.name, seed)
         old = _read_json(sel.table_dir / "cells" / f"{name}.json")
-        labels, void = to_run(old, wanted, budget.clean.to_dict(),
+        labels, void = to_run(old, wanted[budget.name], budget.clean.to_dict(),
                               _model_sha(sel.model_dir(attack)), sel.retry_errors)
         state = ("missing" if old is None else "done" if not labels else
                  "other clean data or model, will rerun all" if void else
                  f"will run {', '.join(labels)}")
         print(f"[{index}/{len(cells)}] {name}: {state}")
-    print(f"{len(cells)} cells x {len(wanted)} defenses ({', '.join(wanted)}); "
+    labels = list(next(iter(wanted.values())))
+    print(f"{len(cells)} cells x {len(labels)} defenses ({', '.join(labels)}); "
           f"out: {sel.table_dir}")
 
 
@@ -226,6 +242,7 @@ def write_table(sel: Selection, cells) -> bool:
         "command": sel.command, "zoo_size": config.zoo_size,
         "selection": {"attacks": sel.attacks, "defenses": sel.defenses, "seeds": sel.seeds,
                       "budgets": [{"name": b.name, "options": dict(b.options),
+                                   "overrides": {k: dict(v) for k, v in b.overrides.items()},
                                    "clean_data": b.clean.to_dict()} for b in sel.budgets]},
         "overrides": sel.overrides, "models_dir": str(sel.models_dir),
         "cells": {"expected": len(cells), "finished": len(found)},
@@ -243,7 +260,7 @@ def run_figure(sel: Selection, train: TrainFn) -> bool:
 
     config, (attack,), budget = sel.config, sel.attacks, sel.budgets[0]
     model_dir = sel.model_dir(attack)
-    awm = AWMConfig(**sel.overrides["awm"])
+    awm = AWMConfig(**budget_overrides(sel.overrides, budget, ["awm"]).get("awm", {}))
     settings = {hparam: _jsonable({
         "hparam": hparam, "values": list(config.values[hparam]), "seeds": sel.seeds,
         "attack": attack, "clean_data": budget.clean.to_dict(), "awm": awm.to_dict()})

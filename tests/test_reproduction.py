@@ -109,6 +109,23 @@ def test_cells_rerun_only_what_changed():
                                      True) == (["ft"], False)
 
 
+def test_one_shot_budget_runs_awm_with_the_official_one_shot_settings():
+    sel = reproduction.selection(["table-a", "--budgets", "n500", "one_shot",
+                                  "--override", "awm.alpha=0.99"])
+    n500, one_shot = sel.budgets
+    assert reproduction_cells.budget_overrides(sel.overrides, n500, sel.defenses) == {
+        "awm": {"alpha": 0.99}, "nc": {"epochs": 50}}
+    assert reproduction_cells.budget_overrides(sel.overrides, one_shot, sel.defenses) == {
+        "awm": {"batch_size": 32, "tau": 100.0, "alpha": 0.99}, "nc": {"epochs": 50}}
+    # The command line wins over the budget; a budget's defense that does not run is dropped.
+    sel = reproduction.selection(["table-a", "--defenses", "ft", "--budgets", "one_shot"])
+    assert reproduction_cells.budget_overrides(sel.overrides, one_shot, sel.defenses) == {}
+    sel = reproduction.selection(["table-a", "--budgets", "one_shot", "--override",
+                                  "awm.tau=50"])
+    assert reproduction_cells.budget_overrides(sel.overrides, one_shot, sel.defenses)["awm"] == {
+        "batch_size": 32, "tau": 50.0}
+
+
 def test_figure_plot_handles_zero_on_a_log_axis(tmp_path):
     table = {"rows": [{"member": i, "seed": s, "gamma": g, "acc": 0.8, "asr": 0.1 * s,
                        "asr_all": 0.1, "ra": 0.5, **{f"before_{m}": 0.9 for m in report.METRICS}}
