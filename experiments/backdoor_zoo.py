@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import shlex
 import subprocess
@@ -136,6 +137,22 @@ def _markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+LOCK_NAME = ".zoo.lock"
+
+
+def _lock(models_dir: Path):
+    """An exclusive lock on ``models_dir`` for this process's lifetime (the open file), or
+    ``None`` if another driver holds it: two drivers would train the same model at once."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(models_dir / LOCK_NAME, "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["cifar10", "gtsrb"])
@@ -156,6 +173,11 @@ def main() -> None:
     attacks = [a for a in ATTACKS if a in args.attacks or (a == "clean" and "clb" in args.attacks)]
     models_dir = (REPO_ROOT / args.models_dir).resolve()
     logs = models_dir / "logs"
+    if not (args.dry_run or args.table_only):
+        lock = _lock(models_dir)
+        if lock is None:
+            parser.error(f"another backdoor_zoo.py is training into {models_dir} (it holds "
+                         f"{models_dir / LOCK_NAME}); wait for it, or use another --models-dir")
     rows = []
     for name in args.datasets:
         recipe = DATASETS[args.size][name]

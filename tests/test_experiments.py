@@ -21,3 +21,18 @@ def test_backdoor_zoo_rejects_unknown_attacks():
     done = subprocess.run([sys.executable, "experiments/backdoor_zoo.py", "--dry-run",
                            "--attacks", "badnet"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and "unknown attacks ['badnet']; known:" in done.stderr
+
+
+def test_backdoor_zoo_refuses_a_second_driver_on_the_same_models_dir(tmp_path):
+    import fcntl
+
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".zoo.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        done = subprocess.run([sys.executable, "experiments/backdoor_zoo.py", "--size", "smoke",
+                               "--datasets", "digits", "--attacks", "badnets",
+                               "--models-dir", str(tmp_path), "--out", str(tmp_path / "out")],
+                              cwd=REPO_ROOT, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert f"another backdoor_zoo.py is training into {tmp_path}" in done.stderr
+    assert not (tmp_path / "digits").exists()
