@@ -31,6 +31,8 @@ EPILOG = """examples:
   awm-jax export --checkpoint runs/awm/purified --format safetensors --out awm.safetensors
   awm-jax sweep --checkpoint runs/digits_badnets --grid alpha=0.8,0.9 --grid tau=50,100 \\
       --seeds 0 1 --one-shot --out runs/sweep          # vmapped: table, heatmaps, Pareto
+  awm-jax sweep --checkpoint runs/digits_badnets --defense ft \\
+      --grid learning_rate=0.001,0.01 --seeds 0 1 --ft-epochs 5 --out runs/sweep_ft
   awm-jax compare --checkpoint runs/digits_badnets --defenses awm,ft,fp,nad,anp \\
       --one-shot --awm-tau 50 --ft-epochs 5 --out runs/compare   # same clean images for all
   awm-jax compare --checkpoint runs/digits_badnets --out runs/table4 \\
@@ -292,13 +294,21 @@ def _import_torch(args) -> dict:
 
 
 def _add_sweep_parser(commands) -> None:
-    from awm_jax.defenses.awm.config import AWMConfig
+    from awm_jax.sweep.spec import HPARAMS
 
-    sweep = commands.add_parser("sweep", help="vmapped AWM hyperparameter sweep of a checkpoint")
+    sweep = commands.add_parser(
+        "sweep", help="vmapped hyperparameter sweep of a checkpoint (AWM, FT or ANP)",
+        description="Runs every member of a hyperparameter grid of one defense as one vmapped "
+                    "program. Sweepable names: " + "; ".join(
+                        f"{name}: {', '.join(h._fields)}" for name, (_, h) in HPARAMS.items())
+                    + ". The defense's other settings are its --DEFENSE-FIELD flags.")
     sweep.add_argument("--checkpoint", required=True, help="directory from train-backdoor")
+    sweep.add_argument("--defense", default="awm", choices=list(HPARAMS),
+                       help="the swept defense [default: awm]")
     sweep.add_argument("--dataset", default=None, help="dataset source override")
     sweep.add_argument("--grid", action="append", metavar="NAME=V1,V2",
-                       help="swept AWM hparam and its values (Cartesian product), repeatable")
+                       help="swept hparam of the defense and its values (Cartesian product), "
+                            "repeatable")
     sweep.add_argument("--zip", action="append", metavar="NAME=V1,V2",
                        help="hparam values zipped with the other --zip lists, repeatable")
     sweep.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds [default: 0]")
@@ -311,7 +321,7 @@ def _add_sweep_parser(commands) -> None:
     sweep.add_argument("--quiet", action="store_true", help="no progress bars")
     sweep.add_argument("--workdir", default=None,
                        help="checkpoint the whole sweep state here (orbax; WORKDIR/seed_S per "
-                            "seed) so that a killed sweep can --resume")
+                            "seed) so that a killed sweep can --resume (AWM sweeps only)")
     sweep.add_argument("--checkpoint-every", type=int, default=1,
                        help="epochs (counted over all chunks) between checkpoints [default: 1]")
     sweep.add_argument("--resume", action="store_true",
@@ -319,8 +329,8 @@ def _add_sweep_parser(commands) -> None:
                             "there are none; the config, chunk size and devices must be "
                             "unchanged)")
     hosts = sweep.add_argument_group(
-        "many hosts (jax.distributed; see awm_jax.sweep.distributed for TPU pod and SLURM "
-        "commands)")
+        "many hosts (jax.distributed, AWM sweeps only; see awm_jax.sweep.distributed for TPU "
+        "pod and SLURM commands)")
     hosts.add_argument("--distributed", action="store_true",
                        help="initialise jax.distributed, detecting the cluster (TPU pod slice, "
                             "SLURM, Open MPI) where the flags below are not given")
@@ -330,7 +340,7 @@ def _add_sweep_parser(commands) -> None:
                        help="processes in the run [env: JAX_NUM_PROCESSES]")
     hosts.add_argument("--process-id", type=int, default=None,
                        help="this process's index [env: JAX_PROCESS_ID]")
-    add_config_flags(sweep, AWMConfig, "awm_")
+    add_defense_flags(sweep, list(HPARAMS))
 
 
 def _value_lists(pairs: list[str] | None, flag: str) -> dict[str, list[float]]:
@@ -351,16 +361,21 @@ def _sweep(args) -> dict:
     spans_processes = distributed.initialize(args.coordinator, args.num_processes,
                                              args.process_id, auto=args.distributed)
 
-    from awm_jax.defenses.awm.config import AWMConfig
     from awm_jax.sweep import SweepSpec, make_sweep_mesh
     from awm_jax.sweep.job import print_table, sweep_checkpoint
+    from awm_jax.sweep.spec import config_class
 
+    _defense_settings(args, [args.defense])
+    if args.defense != "awm" and (args.workdir or args.resume):
+        raise ValueError(f"--workdir/--resume (checkpointing) is supported for AWM sweeps "
+                         f"only; run the {args.defense} sweep without them.")
+    config = config_from_flags(args, config_class(args.defense), defense_prefix(args.defense))
     spec = SweepSpec(grid=_value_lists(args.grid, "--grid"), zip=_value_lists(args.zip, "--zip"),
-                     seeds=args.seeds)
+                     seeds=args.seeds, defense=args.defense)
     # Across processes the mesh must hold every process's devices.
     mesh = (make_sweep_mesh(sweep=args.devices) if args.devices else
             make_sweep_mesh() if spans_processes else None)
-    table = sweep_checkpoint(args.checkpoint, config_from_flags(args, AWMConfig, "awm_"), spec,
+    table = sweep_checkpoint(args.checkpoint, config, spec,
                              dataset_source=args.dataset, clean=_clean_config(args),
                              chunk_size=args.chunk_size, mesh=mesh, out_dir=args.out,
                              progress=not args.quiet, workdir=args.workdir,

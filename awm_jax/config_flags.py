@@ -19,7 +19,7 @@ from typing import Any
 def attribute_docs(cls: type) -> dict[str, str]:
     """Maps field names to their text in the class docstring's ``Attributes:`` section."""
     doc = inspect.getdoc(cls) or ""
-    match = re.search(r"Attributes:\n(.*?)(\n\S|\Z)", doc, re.S)
+    match = re.search(r"Attributes:\n(.*?)(\n\S|\Z)", doc, re.DOTALL)
     if not match:
         return {}
     docs: dict[str, str] = {}
@@ -124,11 +124,12 @@ def defense_prefix(name: str) -> str:
     return f"{name.replace('-', '_')}_"
 
 
-def add_defense_flags(parser: argparse.ArgumentParser) -> None:
-    """``--<defense>-<field>`` flags for every field of every registered defense's config."""
+def add_defense_flags(parser: argparse.ArgumentParser, names=None) -> None:
+    """``--<defense>-<field>`` flags for every field of the configs of the defenses ``names``
+    (default: every registered defense)."""
     from awm_jax.defenses import DEFENSES, get_defense
 
-    for name in DEFENSES.names():
+    for name in DEFENSES.names() if names is None else names:
         cls = get_defense(name).config_class
         add_config_flags(parser, cls, defense_prefix(name),
                          title=f"{name} settings ({cls.__name__}: --{name}-*)")

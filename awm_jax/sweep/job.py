@@ -1,4 +1,8 @@
-"""A sweep end to end: clean draw per seed, vmapped AWM, vmapped evaluation, table and plots.
+"""A sweep end to end: clean draw per seed, vmapped defense, vmapped evaluation, table, plots.
+
+The defense is ``spec.defense``: AWM (:func:`~awm_jax.sweep.runner.run_sweep`) or a baseline,
+FT or ANP (:func:`~awm_jax.sweep.baselines.run_baseline_sweep`); checkpointing (``workdir``) is
+AWM only.
 
 Each seed's key is split as in :func:`awm_jax.pipeline.purify_model` into ``(clean, trigger,
 defense)``: the seed fixes the defender's images and the evaluation split, so members are grouped
@@ -27,10 +31,11 @@ from awm_jax.checkpoint import load_model
 from awm_jax.data.clean_subset import CleanDataConfig, draw_clean_subset
 from awm_jax.data.dataset import ImageDataset
 from awm_jax.data.sources import load_dataset
-from awm_jax.defenses.awm.config import AWMConfig
 from awm_jax.defenses.awm.mask import mask_statistics
 from awm_jax.eval.metrics import evaluate_backdoor, make_predict_fn
 from awm_jax.sweep import report as report_lib
+from awm_jax.sweep.adapters import get_adapter
+from awm_jax.sweep.baselines import run_baseline_sweep
 from awm_jax.sweep.evaluate import evaluate_members
 from awm_jax.sweep.runner import run_sweep
 from awm_jax.sweep.spec import SweepSpec, member_keys
@@ -38,27 +43,37 @@ from awm_jax.sweep.spec import SweepSpec, member_keys
 METRICS = ("acc", "asr", "asr_all", "ra")
 
 
-def sweep_model(model, variables, dataset: ImageDataset, attack: Attack, config: AWMConfig,
+def sweep_model(model, variables, dataset: ImageDataset, attack: Attack, config,
                 spec: SweepSpec, *, clean: CleanDataConfig | None = None,
                 chunk_size: int | None = None, mesh=None, out_dir: str | Path | None = None,
                 progress: bool = True, extra: dict[str, Any] | None = None,
                 workdir: str | os.PathLike | None = None, checkpoint_every: int = 1,
                 resume: bool = False) -> dict[str, Any]:
-    """Runs the sweep ``spec`` on a backdoored model and evaluates every member.
+    """Runs the sweep ``spec`` of ``spec.defense`` on a backdoored model and evaluates every
+    member.
 
-    ``workdir``, ``checkpoint_every`` and ``resume`` checkpoint each seed group's
-    :func:`run_sweep` in ``<workdir>/seed_<seed>``; ``clean`` defaults to
-    ``CleanDataConfig()``.
+    ``config`` is the defense's config (:class:`AWMConfig`, :class:`FTConfig`,
+    :class:`ANPConfig`). ``workdir``, ``checkpoint_every`` and ``resume`` (AWM only)
+    checkpoint each seed group's :func:`run_sweep` in ``<workdir>/seed_<seed>``; ``clean``
+    defaults to ``CleanDataConfig()``.
 
     Returns:
-      ``{"rows": [...], "config", "spec", "seconds", ...}``; each row holds ``member``,
-      ``seed``, the swept hparams, the after-defense metrics, ``before_<metric>``,
-      ``mask_mean`` and ``selected_epoch``. With ``out_dir``, also writes the table and plots
-      there.
+      ``{"rows": [...], "defense", "config", "spec", "seconds", ...}``; each row holds
+      ``member``, ``seed``, the swept hparams, the after-defense metrics, ``before_<metric>``
+      and ``final_loss``; AWM rows add ``mask_mean`` and ``selected_epoch``, baseline rows
+      ``diverged`` (and ANP's ``channels``, ``pruned``, ``mask_mean``). With ``out_dir``, also
+      writes the table and plots there.
+
+    Raises:
+      ValueError: ``resume`` without ``workdir``, ``workdir`` for a baseline sweep, or what the
+        runners raise.
     """
     clean = clean if clean is not None else CleanDataConfig()
     if resume and workdir is None:
         raise ValueError("resume=True needs a workdir to resume from; got workdir=None.")
+    if spec.defense != "awm" and (workdir is not None or resume):
+        raise ValueError(f"--workdir/--resume (checkpointing) is supported for AWM sweeps "
+                         f"only; run the {spec.defense} sweep without them.")
     rows: list[dict[str, Any]] = []
     sweep_seconds = 0.0
     start = time.perf_counter()
@@ -70,20 +85,19 @@ def sweep_model(model, variables, dataset: ImageDataset, attack: Attack, config:
         triggered = triggered_test_set(eval_split, attack, keys["trigger"])
         before = evaluate_backdoor(lambda x: predict(variables, x), eval_split, triggered)
         group = dataclasses.replace(spec, seeds=[seed])
-        result = run_sweep(model, variables, clean_split, config, group, chunk_size=chunk_size,
-                           mesh=mesh, num_classes=dataset.num_classes, progress=progress,
-                           workdir=None if workdir is None else Path(workdir) / f"seed_{seed}",
-                           checkpoint_every=checkpoint_every, resume=resume)
-        sweep_seconds += result.seconds
-        after = evaluate_members(model, variables, result.masks, eval_split, triggered,
-                                 member_chunk=result.chunk_size)
-        for index, (member, metrics) in enumerate(zip(group.members(), after)):
+        runner = _awm_group if spec.defense == "awm" else _baseline_group
+        seconds, after, extras = runner(
+            model, variables, clean_split, eval_split, triggered, config, group,
+            chunk_size=chunk_size, mesh=mesh, num_classes=dataset.num_classes,
+            progress=progress,
+            workdir=None if workdir is None else Path(workdir) / f"seed_{seed}",
+            checkpoint_every=checkpoint_every, resume=resume)
+        sweep_seconds += seconds
+        for member, metrics, more in zip(group.members(), after, extras):
             rows.append({"member": len(rows), **member, **metrics,
-                         **{f"before_{k}": before[k] for k in METRICS},
-                         "mask_mean": mask_statistics(result.member_mask(index))["mean"],
-                         "selected_epoch": int(result.selected_epoch[index]),
-                         "final_loss": float(result.history["loss"][-1, index])})
-    table = {"dataset": dataset.name, "attack": attack.name, "config": config.to_dict(),
+                         **{f"before_{k}": before[k] for k in METRICS}, **more})
+    table = {"dataset": dataset.name, "attack": attack.name, "defense": spec.defense,
+             "config": config.to_dict(),
              "spec": {"grid": dict(spec.grid), "zip": dict(spec.zip), "seeds": list(spec.seeds)},
              "clean_data": clean.to_dict(), "n_clean": len(clean_split),
              "eval_size": len(eval_split), "sweep_seconds": sweep_seconds,
@@ -93,19 +107,50 @@ def sweep_model(model, variables, dataset: ImageDataset, attack: Attack, config:
     return table
 
 
+def _awm_group(model, variables, clean_split, eval_split, triggered, config, group, *,
+               checkpoint_every, **kwargs):
+    """One seed group of an AWM sweep: ``(seconds, metrics per member, row extras)``."""
+    result = run_sweep(model, variables, clean_split, config, group,
+                       checkpoint_every=checkpoint_every, **kwargs)
+    after = evaluate_members(model, variables, result.masks, eval_split, triggered,
+                             member_chunk=result.chunk_size)
+    extras = [{"mask_mean": mask_statistics(result.member_mask(index))["mean"],
+               "selected_epoch": int(result.selected_epoch[index]),
+               "final_loss": float(result.history["loss"][-1, index])}
+              for index in range(result.num_members)]
+    return result.seconds, after, extras
+
+
+def _baseline_group(model, variables, clean_split, eval_split, triggered, config, group, *,
+                    checkpoint_every, **kwargs):
+    """One seed group of an FT/ANP sweep: ``(seconds, metrics per member, row extras)``."""
+    del checkpoint_every  # no checkpoints: sweep_model refuses a workdir for baselines
+    result = run_baseline_sweep(group.defense, model, variables, clean_split, config, group,
+                                **kwargs)
+    after = evaluate_members(model, variables, result.outputs, eval_split, triggered,
+                             member_chunk=result.chunk_size,
+                             purified=get_adapter(group.defense).purified)
+    extras = [{"final_loss": float(result.history["loss"][-1, index]),
+               "diverged": bool(result.diverged[index]), **result.details(index)}
+              for index in range(result.num_members)]
+    return result.seconds, after, extras
+
+
 def write_outputs(out_dir: str | Path, table: dict[str, Any], swept: list[str]) -> list[Path]:
     """``sweep.json``, ``sweep.csv``, and (when something is swept) the heatmaps and Pareto plot."""
     out_dir = Path(out_dir)
     meta = {k: v for k, v in table.items() if k != "rows"}
     paths = list(report_lib.write_table(out_dir, table["rows"], meta))
     axes = swept or ["seed"]
-    paths.append(report_lib.plot_heatmaps(table["rows"], axes, out_dir / report_lib.HEATMAP_PNG))
+    defense = table.get("defense", "awm").upper()
+    paths.append(report_lib.plot_heatmaps(table["rows"], axes, out_dir / report_lib.HEATMAP_PNG,
+                                          defense=defense))
     paths.append(report_lib.plot_pareto(table["rows"], out_dir / report_lib.PARETO_PNG,
-                                        label_names=swept))
+                                        label_names=swept, defense=defense))
     return paths
 
 
-def sweep_checkpoint(checkpoint: str | Path, config: AWMConfig, spec: SweepSpec, *,
+def sweep_checkpoint(checkpoint: str | Path, config, spec: SweepSpec, *,
                      dataset_source: str | None = None, **kwargs) -> dict[str, Any]:
     """:func:`sweep_model` on a ``train-backdoor`` checkpoint (dataset and attack from its
     metadata unless ``dataset_source`` overrides the dataset)."""

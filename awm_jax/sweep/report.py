@@ -66,8 +66,9 @@ def pareto_front(acc: Sequence[float], asr: Sequence[float]) -> list[int]:
 
 
 def plot_heatmaps(rows: Sequence[dict], axes: Sequence[str], path: str | os.PathLike,
-                  metrics: Sequence[str] = ("asr", "acc")) -> Path:
-    """One heatmap per metric over the first two swept ``axes`` (mean over seeds and others).
+                  metrics: Sequence[str] = ("asr", "acc"), defense: str = "AWM") -> Path:
+    """One heatmap per metric over the first two swept ``axes`` (mean over seeds and others),
+    titled with the ``defense`` name.
 
     With one swept axis the heatmap has a single row.
     """
@@ -91,7 +92,7 @@ def plot_heatmaps(rows: Sequence[dict], axes: Sequence[str], path: str | os.Path
         panel.set_yticks(range(len(values[0])), [f"{v:g}" if v != "" else "" for v in values[0]])
         panel.set_xlabel(axes_shown[1])
         panel.set_ylabel(axes_shown[0])
-        panel.set_title(f"{metric.upper()} after AWM (mean over seeds)")
+        panel.set_title(f"{metric.upper()} after {defense} (mean over seeds)")
         for (i, j), value in np.ndenumerate(table):
             panel.text(j, i, f"{value:.2f}", ha="center", va="center",
                        color="white" if value < 0.5 else "black", fontsize=8)
@@ -104,7 +105,7 @@ def plot_heatmaps(rows: Sequence[dict], axes: Sequence[str], path: str | os.Path
 
 
 def plot_pareto(rows: Sequence[dict], path: str | os.PathLike,
-                label_names: Sequence[str] = ()) -> Path:
+                label_names: Sequence[str] = (), defense: str = "AWM") -> Path:
     """ASR vs ACC of every member, the Pareto front (high ACC, low ASR) drawn as a line."""
     import matplotlib
 
@@ -124,7 +125,7 @@ def plot_pareto(rows: Sequence[dict], path: str | os.PathLike,
                         textcoords="offset points")
     ax.set_xlabel("ASR (lower is better)")
     ax.set_ylabel("ACC (higher is better)")
-    ax.set_title("AWM sweep: ASR vs ACC")
+    ax.set_title(f"{defense} sweep: ASR vs ACC")
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     path = Path(path)
