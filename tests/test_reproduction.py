@@ -179,6 +179,7 @@ def test_smoke_table_a_trains_the_model_writes_the_table_and_resumes(smoke_run, 
     assert "digits_badnets_n50_seed0: done" in out and "badnets: trained" in out
 
 
+@pytest.mark.slow  # ~20 s; the sweep path it drives is covered in tests/sweep
 def test_smoke_figure_d_sweeps_two_values(smoke_run, capsys):
     root, _, paths = smoke_run
     out = _run(capsys, "figure-d", "--size", "smoke", "--hparams", "alpha", "--quiet", *paths)
