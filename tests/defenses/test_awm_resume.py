@@ -137,3 +137,15 @@ def test_workdir_with_checkpoints_needs_resume(tmp_path):
     with pytest.raises(ValueError, match=r"already holds AWM checkpoints \(epochs \[5, 6\]\); "
                                          "pass resume=True"):
         child.run(workdir=tmp_path)
+
+
+def test_a_resumed_run_reports_the_time_of_the_whole_run(tmp_path):
+    """A finished run restored from its last checkpoint reports the seconds it took, not the
+    fraction of a second the restore took."""
+    config = dataclasses.replace(child.CONFIG, outer_epochs=2)
+    finished = child.run(config, workdir=tmp_path)
+    restored = child.run(config, workdir=tmp_path, resume=True)
+    # The restored time is the checkpoint's (the epochs) plus the restore; the finished run's
+    # is the epochs plus the final mask selection.
+    assert 0.9 * finished.seconds <= restored.seconds
+    assert finished.history == restored.history

@@ -46,6 +46,8 @@ class Progress:
       best_epoch: the epoch (1-based) of ``best_mask``.
       best_mask: the best mask so far, or ``None``.
       mask_sum: running sum of the masks being averaged (``"average"``), or ``None``.
+      seconds: wall seconds of the epochs run so far, over every process that ran them (so a
+        resumed run reports the time of the whole run, not of its last piece).
     """
 
     state: AWMState
@@ -55,6 +57,7 @@ class Progress:
     best_epoch: int
     best_mask: Mask | None = None
     mask_sum: Mask | None = None
+    seconds: float = 0.0
 
     def arrays(self) -> dict[str, Any]:
         return {"awm": self.state, "best_mask": self.best_mask, "mask_sum": self.mask_sum}
@@ -107,7 +110,8 @@ class AWMCheckpointer:
                                else progress.best_score),
                 "best_epoch": progress.best_epoch,
                 "has_best_mask": progress.best_mask is not None,
-                "has_mask_sum": progress.mask_sum is not None}
+                "has_mask_sum": progress.mask_sum is not None,
+                "seconds": progress.seconds}
         return self.run.maybe_save(progress.epochs_done, progress.arrays(), meta)
 
     def start(self, initial: Progress, resume: bool) -> Progress | None:
@@ -133,7 +137,9 @@ class AWMCheckpointer:
                         epochs_done=meta["step"],
                         best_score=np.inf if best_score is None else float(best_score),
                         best_epoch=int(meta["best_epoch"]), best_mask=arrays["best_mask"],
-                        mask_sum=arrays["mask_sum"])
+                        mask_sum=arrays["mask_sum"],
+                        # Checkpoints written before the field existed carry no time.
+                        seconds=float(meta.get("seconds", 0.0)))
 
     def close(self) -> None:
         self.run.close()

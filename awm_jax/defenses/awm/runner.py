@@ -42,7 +42,8 @@ class AWMResult:
         epoch of the averaged window.
       history: one dict per epoch: mean step metrics, selection score, and the callback's values.
       mask_stats: :func:`mask_statistics` of the returned mask.
-      seconds: wall time of the defense (compile included), evaluation callbacks excluded.
+      seconds: wall time of the defense (compile included), evaluation callbacks excluded; a
+        resumed run adds the time its checkpoint had recorded (the whole run's time).
       compile_seconds: time of the first epoch minus that of the second (an estimate).
     """
 
@@ -174,10 +175,12 @@ def run_awm(model: nn.Module, variables: Variables, clean: Split, config: AWMCon
                                        max_to_keep=max_to_keep)
     start = time.perf_counter()
     timing = {"excluded": 0.0, "epochs": []}  # callback seconds; per-epoch seconds
+    seconds_before = 0.0  # of the epochs a restored checkpoint had run
     try:
         restored = checkpointer.start(run, resume) if checkpointer is not None else None
         if restored is not None:
             run = restored
+            seconds_before = run.seconds
         elif config.shrink_epochs:
             run.state = _shrink(driver, run.state, frozen, data, shrink_key, hparams)
         bar = tqdm(range(run.epochs_done, config.outer_epochs), desc="AWM", unit="epoch",
@@ -188,6 +191,7 @@ def run_awm(model: nn.Module, variables: Variables, clean: Split, config: AWMCon
             _check_finite(record, epoch + 1, checkpointer)
             run.history.append(record)
             run.epochs_done = epoch + 1
+            run.seconds = seconds_before + time.perf_counter() - start - timing["excluded"]
             if checkpointer is not None:
                 checkpointer.maybe_save(run)
             bar.set_postfix({k: f"{v:.3g}" for k, v in record.items()
@@ -196,7 +200,7 @@ def run_awm(model: nn.Module, variables: Variables, clean: Split, config: AWMCon
         if checkpointer is not None:
             checkpointer.close()
     mask, selected = _select(driver, run, frozen, data, epochs_key, hparams)
-    seconds = time.perf_counter() - start - timing["excluded"]
+    seconds = seconds_before + time.perf_counter() - start - timing["excluded"]
     epoch_seconds = timing["epochs"]
     compile_seconds = epoch_seconds[0] - epoch_seconds[1] if len(epoch_seconds) > 1 else None
     return AWMResult(_purified(frozen, mask), mask, selected, run.history, mask_statistics(mask),
