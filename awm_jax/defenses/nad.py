@@ -14,13 +14,20 @@ Triggers from Deep Neural Networks" (ICLR 2021) and its official code ``bboylyg/
 
 Defaults. Official ``config.py``: SGD with Nesterov momentum 0.9, weight decay 1e-4, batch 64,
 20 epochs, p = 2, beta 5000 on the last group of its WRN-16-1 (``beta3``; ``beta1 = beta2 =
-0``), initial lr 0.1 with a step decay in ``utils.adjust_learning_rate`` (not read; we
-keep 0.1 constant). We keep those except that ``beta`` (5000) weights *every* selected layer
+0``), lr 0.1 with the step decay of ``utils.adjust_learning_rate`` (0.1 for epochs 0-1,
+then 0.01; we keep 0.1 constant, a deviation). We keep those except that ``beta`` (5000)
+weights *every* selected layer
 (the paper's ResNet setting; set ``layers`` to one name for the code's last-group-only
 variant). The teacher's fine-tuning uses lr 0.01 for 10 epochs (paper's teacher; our FT
 defaults). On the digits test backdoor with 150 clean images the student's 0.1 matters: at
 0.01 NAD leaves ASR ~0.99, at 0.1 it reaches ASR 0.01-0.22 with ACC 0.86-0.90 (seeds 0-2),
-and with ``beta = 0`` (plain fine-tuning at 0.1) ASR stays at 0.86-0.89.
+and with ``beta = 0`` (plain fine-tuning at 0.1) ASR stays at 0.86-0.89. On a CIFAR-10
+ResNet-18 (width 16, last stage 4 x 4 where the code's WRN-16-1 has 8 x 8, so the same beta
+weighs its AT about 4x more) with 500 clean images these defaults collapse clean accuracy
+(``compare``: ACC 0.17): beta 5000 on all four stages, or on ``layer4`` alone, drives the
+student's CE to ~90 within two epochs at lr 0.1 (the code's 0.1 -> 0.01 decay after epoch 2
+does not recover it), and beta 5000 at lr 0.01 collapses it too, while beta 0 at lr 0.1
+dips and recovers; the teacher (lr 0.01) keeps its accuracy.
 
 Which layers: ``layers=None`` picks, from the forward pass, the output of the last block of
 each stage (top-level composite modules grouped by output shape, e.g. ResNet's
