@@ -34,6 +34,7 @@ from awm_jax.data.sources import load_dataset
 from awm_jax.defenses import DEFENSES, get_defense
 from awm_jax.eval.metrics import evaluate_backdoor, make_predict_fn
 from awm_jax.eval.report import METRIC_NAMES
+from awm_jax.plotting import save_figure
 from awm_jax.serialization import library_versions, write_json_atomic
 
 JSON_NAME, MARKDOWN_NAME, PLOT_NAME = "compare.json", "compare.md", "compare.png"
@@ -229,12 +230,7 @@ def plot_scatter(report: dict[str, Any], path: str | os.PathLike) -> Path:
     axis.grid(alpha=0.3)
     axis.set_title(f"{report['dataset']} / {report['attack']}, {report['n_clean']} clean images"
                    " (best: bottom right)", fontsize=9)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def write_outputs(report: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from awm_jax.plotting import save_figure
+
 METRICS = ("acc", "asr", "asr_all", "ra")
 HEADERS = {"acc": "ACC", "asr": "ASR", "asr_all": "ASR (all)", "ra": "RA"}
 NONE_LABEL = "none"
@@ -149,12 +151,7 @@ def plot_table(aggregates: Sequence[Mapping[str, Any]], budgets: Sequence[str],
         axis.set_ylim(-3, 103)
         axis.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="best")
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, dpi=110)
 
 
 def aggregate_sweep(table: Mapping[str, Any], hparam: str) -> list[dict[str, Any]]:
@@ -230,12 +227,7 @@ def plot_figure(points: Mapping[str, Sequence[Mapping[str, Any]]], defaults: Map
         axis.grid(alpha=0.3)
         axis.set_title(f"{title}: {hparam}", fontsize=9)
     axes[0][0].legend(fontsize=8)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, dpi=110)
 
 
 def _or_nan(value: float | None, fallback: float = math.nan) -> float:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from awm_jax.plotting import save_figure
 from awm_jax.serialization import library_versions, write_json_atomic
 
 METRIC_NAMES = ("acc", "asr", "asr_all", "ra")
@@ -85,9 +86,4 @@ def plot_history(history: Sequence[dict[str, float]], path: str | os.PathLike,
     axis.grid(alpha=0.3)
     axis.legend()
     axis.set_title(title)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from awm_jax.plotting import save_figure
 from awm_jax.serialization import write_json_atomic
 
 TABLE_JSON = "sweep.json"
@@ -97,11 +98,7 @@ def plot_heatmaps(rows: Sequence[dict], axes: Sequence[str], path: str | os.Path
             panel.text(j, i, f"{value:.2f}", ha="center", va="center",
                        color="white" if value < 0.5 else "black", fontsize=8)
         fig.colorbar(image, ax=panel)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_pareto(rows: Sequence[dict], path: str | os.PathLike,
@@ -127,8 +124,4 @@ def plot_pareto(rows: Sequence[dict], path: str | os.PathLike,
     ax.set_ylabel("ACC (higher is better)")
     ax.set_title(f"{defense} sweep: ASR vs ACC")
     ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
