@@ -13,6 +13,12 @@ exactly what ran.
 ``--table-only`` only tabulates what exists, and ``--dry-run`` prints the commands. CLB needs the
 clean model of its dataset, so "clean" is trained first whenever CLB is asked for.
 
+``--set KEY=VALUE`` overrides a field of every recipe's ``TrainConfig`` (e.g. ``--set epochs=24
+--set conv_impl=lax`` on a GPU, where XLA's own convolutions are the fast ones); the overrides
+appear in each model's command. ``--jobs N`` trains up to N models at once (on one GPU, several
+small models keep it busier than one); a failed model does not stop the others, and the driver
+exits 1 naming every failure once the rest are done.
+
 Writes ``<out>/results.json`` (one row per model: metrics, targets, command, wall time, the
 training history) and ``<out>/summary.md``.
 """
@@ -26,7 +32,9 @@ import json
 import shlex
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from awm_jax.serialization import library_versions, write_json_atomic, write_atomic
@@ -63,15 +71,19 @@ def _relative(path: Path) -> str:
 
 
 def train_command(name: str, recipe: DatasetRecipe, attack_name: str, out: Path,
-                  models_dir: Path, source: str) -> list[str]:
-    """The ``awm-jax train-backdoor`` argv for one zoo model."""
+                  models_dir: Path, source: str, config: TrainConfig | None = None) -> list[str]:
+    """The ``awm-jax train-backdoor`` argv for one zoo model (``config``: the training config
+    to spell out instead of the recipe's, e.g. the one a finished model recorded)."""
     attack: AttackRecipe | None = ATTACKS[attack_name]
-    config = recipe.train if attack is None else dataclasses.replace(
-        recipe.train, poison_rate=attack.poison_rate)
+    if config is None:
+        config = recipe.train if attack is None else dataclasses.replace(
+            recipe.train, poison_rate=attack.poison_rate)
     argv = ["awm-jax", "train-backdoor", "--dataset", source,
             "--attack", "none" if attack is None else attack.attack, "--out", _relative(out),
             "--eval-every", "3", "--quiet"]
-    for key, value in (attack.params if attack else {}).items():
+    params = {} if attack is None else {**attack.params,
+                                        **recipe.attack_params.get(attack_name, {})}
+    for key, value in params.items():
         argv += ["--attack-param", f"{key}={_param(value)}"]
     for key, value in config.model_kwargs.items():
         argv += ["--model-param", f"{key}={_param(value)}"]
@@ -85,8 +97,13 @@ def train_command(name: str, recipe: DatasetRecipe, attack_name: str, out: Path,
     return argv
 
 
-def _row(dataset: str, attack_name: str, model_dir: Path, argv: list[str]) -> dict:
+def _row(dataset: str, attack_name: str, model_dir: Path, recipe: DatasetRecipe,
+         source: str) -> dict:
     metadata = json.loads((model_dir / "metadata.json").read_text())
+    # The command is rebuilt from the config the model recorded, so a model trained with other
+    # settings than today's recipe (e.g. --set conv_impl=lax on a GPU) shows what produced it.
+    argv = train_command(dataset, recipe, attack_name, model_dir, model_dir.parents[1], source,
+                         config=TrainConfig.from_dict(metadata["train_config"]))
     metrics = metadata["metrics"]
     recipe = ATTACKS[attack_name]
     row = {"dataset": dataset, "attack": attack_name, "model": metadata["model"]["name"],
@@ -96,7 +113,8 @@ def _row(dataset: str, attack_name: str, model_dir: Path, argv: list[str]) -> di
            "poison_rate": None if recipe is None else recipe.poison_rate,
            "poisoned_count": metadata["poisoned_count"], "seconds": metadata["seconds"],
            "command": shlex.join(argv), "checkpoint": _relative(model_dir),
-           "history": metadata["history"]}
+           "variables_sha256": metadata.get("variables_sha256"),
+           "versions": metadata.get("versions"), "history": metadata["history"]}
     row["acc_target_met"] = metrics["acc"] >= ACC_TARGET.get(dataset, 0.0)
     if recipe is not None:
         bar = ASR_TARGET["clean_label" if attack_name in CLEAN_LABEL else "dirty"]
@@ -106,18 +124,56 @@ def _row(dataset: str, attack_name: str, model_dir: Path, argv: list[str]) -> di
 
 
 def _train(argv: list[str], model_dir: Path, log: Path) -> None:
+    """Runs one ``awm-jax`` command (as ``python -m awm_jax``, which needs no console script)
+    with its output in ``log``; raises ``RuntimeError`` naming the log if it fails."""
     if (model_dir / "checkpoints").is_dir():
         argv = argv + ["--resume"]
     model_dir.parent.mkdir(parents=True, exist_ok=True)
-    executable = str(Path(sys.executable).with_name("awm-jax"))
     print(f"training: {shlex.join(argv)}\n  log: {log}", flush=True)
     start = time.perf_counter()
     with open(log, "a") as stream:
-        done = subprocess.run([executable, *argv[1:]], cwd=REPO_ROOT, stdout=stream,
-                              stderr=subprocess.STDOUT)
+        done = subprocess.run([sys.executable, "-m", "awm_jax", *argv[1:]], cwd=REPO_ROOT,
+                              stdout=stream, stderr=subprocess.STDOUT)
     if done.returncode:
-        raise SystemExit(f"training failed ({done.returncode}); see {log}")
-    print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
+        raise RuntimeError(f"training {model_dir} failed (exit {done.returncode}); see {log}")
+    print(f"  {_relative(model_dir)} done in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+               tuple: "comma-separated integers"}
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["epochs=24", "conv_impl=lax"]`` -> ``TrainConfig`` field values, each parsed as the
+    type of the field's default (bool: true/false; tuple: comma-separated ints).
+
+    Raises:
+      ValueError: a pair without ``=``, an unknown or non-scalar field, or an unparsable value.
+    """
+    defaults = TrainConfig()
+    settable = {f.name for f in dataclasses.fields(TrainConfig)} - {"model_kwargs"}
+    overrides = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE")
+        if key not in settable:
+            raise ValueError(f"--set {pair!r}: {key!r} is not a TrainConfig field; settable: "
+                             f"{sorted(settable)}")
+        kind = type(getattr(defaults, key))
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false"):
+                    raise ValueError("expected true or false")
+                value = text.lower() == "true"
+            elif kind is tuple:
+                value = tuple(int(v) for v in text.split(",") if v)
+            else:
+                value = kind(text)
+        except ValueError as error:
+            raise ValueError(f"--set {pair!r}: {key} takes {_KIND_NAMES[kind]} ({error})") from None
+        overrides[key] = value
+    return overrides
 
 
 def _markdown(rows: list[dict]) -> str:
@@ -161,6 +217,9 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(DATASETS), default="cpu")
     parser.add_argument("--source", action="append", default=[], metavar="NAME=SOURCE",
                         help="dataset source override, e.g. cifar10=cifar10 for TFDS")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a TrainConfig field of every recipe")
+    parser.add_argument("--jobs", type=int, default=1, help="models trained at once [1]")
     parser.add_argument("--models-dir", default="runs/zoo")
     parser.add_argument("--out", default="experiments/results/backdoor_zoo")
     parser.add_argument("--table-only", action="store_true")
@@ -169,6 +228,18 @@ def main() -> None:
     unknown = sorted(set(args.attacks) - set(ATTACKS))
     if unknown:
         parser.error(f"unknown attacks {unknown}; known: {list(ATTACKS)}")
+    unknown = sorted(set(args.datasets) - set(DATASETS[args.size]))
+    if unknown:
+        parser.error(f"unknown datasets {unknown} for --size {args.size}; known: "
+                     f"{sorted(DATASETS[args.size])}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    try:
+        overrides = parse_overrides(args.overrides)
+        recipes = {name: dataclasses.replace(DATASETS[args.size][name], train=dataclasses.replace(
+            DATASETS[args.size][name].train, **overrides)) for name in args.datasets}
+    except ValueError as error:
+        parser.error(str(error))
     sources = dict(pair.split("=", 1) for pair in args.source)
     attacks = [a for a in ATTACKS if a in args.attacks or (a == "clean" and "clb" in args.attacks)]
     models_dir = (REPO_ROOT / args.models_dir).resolve()
@@ -178,28 +249,62 @@ def main() -> None:
         if lock is None:
             parser.error(f"another backdoor_zoo.py is training into {models_dir} (it holds "
                          f"{models_dir / LOCK_NAME}); wait for it, or use another --models-dir")
-    rows = []
-    for name in args.datasets:
-        recipe = DATASETS[args.size][name]
+    tasks = []  # (dataset, attack, model dir, argv, recipe, source), in table order
+    for name, recipe in recipes.items():
         source = sources.get(name, recipe.source)
         for attack_name in attacks:
             model_dir = models_dir / name / attack_name
             argv = train_command(name, recipe, attack_name, model_dir, models_dir, source)
-            if args.dry_run:
-                print(shlex.join(argv))
-                continue
-            if not (model_dir / "metadata.json").is_file():
-                if args.table_only:
-                    continue
-                logs.mkdir(parents=True, exist_ok=True)
-                _train(argv, model_dir, logs / f"{name}_{attack_name}.log")
-            rows.append(_row(name, attack_name, model_dir, argv))
-            # Rewritten after every model, so a driver stopped mid-zoo leaves a current table.
-            _write_table(REPO_ROOT / args.out, rows, args.size)
+            tasks.append((name, attack_name, model_dir, argv, recipe, source))
     if args.dry_run:
+        for task in tasks:
+            print(shlex.join(task[3]))
         return
+    failures = _train_missing(tasks, logs, args.jobs, args.table_only,
+                              on_done=lambda rows: _write_table(REPO_ROOT / args.out, rows,
+                                                                args.size))
+    rows = _rows(tasks)
     _write_table(REPO_ROOT / args.out, rows, args.size)
     print(_markdown(rows))
+    if failures:
+        raise SystemExit("some models failed:\n" + "\n".join(f"  {f}" for f in failures))
+
+
+def _rows(tasks) -> list[dict]:
+    return [_row(name, attack, model_dir, recipe, source)
+            for name, attack, model_dir, _, recipe, source in tasks
+            if (model_dir / "metadata.json").is_file()]
+
+
+def _train_missing(tasks, logs: Path, jobs: int, table_only: bool, on_done) -> list[str]:
+    """Trains every task without a ``metadata.json``, ``jobs`` at a time, CLB after the clean
+    model of its dataset; calls ``on_done(rows)`` after each model (so a driver stopped
+    mid-zoo leaves a current table) and returns the failures' messages."""
+    missing = [] if table_only else [t for t in tasks if not (t[2] / "metadata.json").is_file()]
+    if missing:
+        logs.mkdir(parents=True, exist_ok=True)
+    table_lock = threading.Lock()
+    futures: dict[tuple[str, str], Future] = {}
+
+    def train(name, attack_name, model_dir, argv, *_):
+        if attack_name == "clb" and (name, "clean") in futures:
+            futures[(name, "clean")].result()  # raises if the clean model failed
+        _train(argv, model_dir, logs / f"{name}_{attack_name}.log")
+
+    failures = []
+    # Clean models are submitted before their CLB (the tasks' order), and the pool starts
+    # tasks in submission order, so a CLB waiting for its clean model cannot starve it.
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for task in missing:
+            futures[(task[0], task[1])] = pool.submit(train, *task)
+        for future in as_completed(futures.values()):
+            error = future.exception()
+            if error is not None:
+                failures.append(str(error))
+                print(f"FAILED: {error}", flush=True)
+            with table_lock:
+                on_done(_rows(tasks))
+    return failures
 
 
 def _write_table(out: Path, rows: list[dict], size: str) -> None:

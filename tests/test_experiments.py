@@ -36,3 +36,64 @@ def test_backdoor_zoo_refuses_a_second_driver_on_the_same_models_dir(tmp_path):
     assert done.returncode == 2
     assert f"another backdoor_zoo.py is training into {tmp_path}" in done.stderr
     assert not (tmp_path / "digits").exists()
+
+
+def test_backdoor_zoo_set_overrides_every_recipe_and_shows_in_the_commands():
+    out = subprocess.run([sys.executable, "experiments/backdoor_zoo.py", "--dry-run",
+                          "--datasets", "cifar10", "gtsrb", "--attacks", "badnets",
+                          "--set", "epochs=3", "--set", "conv_impl=lax"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    lines = out.strip().splitlines()
+    assert len(lines) == 2
+    assert all("--epochs 3" in line and "--conv-impl" not in line for line in lines)  # lax default
+
+
+def test_backdoor_zoo_names_a_bad_override():
+    for pair, message in [("epoch=3", "'epoch' is not a TrainConfig field"),
+                          ("flip=maybe", "flip takes true or false"),
+                          ("epochs=three", "epochs takes an integer"),
+                          ("epochs", "expected KEY=VALUE"),
+                          ("epochs=0", "epochs must be an integer >= 1")]:
+        done = subprocess.run([sys.executable, "experiments/backdoor_zoo.py", "--dry-run",
+                               "--set", pair], cwd=REPO_ROOT, capture_output=True, text=True)
+        assert done.returncode == 2 and message in done.stderr, (pair, done.stderr)
+
+
+def _zoo_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("backdoor_zoo",
+                                                  REPO_ROOT / "experiments" / "backdoor_zoo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_backdoor_zoo_jobs_run_in_parallel_clb_after_clean_and_failures_do_not_stop_others(
+        tmp_path, monkeypatch):
+    import threading
+    import time
+
+    zoo = _zoo_module()
+    events, lock = [], threading.Lock()
+
+    def fake_train(argv, model_dir, log):
+        with lock:
+            events.append(("start", model_dir.name, time.perf_counter()))
+        time.sleep(0.3)
+        with lock:
+            events.append(("end", model_dir.name, time.perf_counter()))
+        if model_dir.name == "blend":
+            raise RuntimeError(f"training {model_dir} failed (exit 1); see {log}")
+
+    monkeypatch.setattr(zoo, "_train", fake_train)
+    tasks = [("d", name, tmp_path / "d" / name, ["awm-jax"], None, "src")
+             for name in ("clean", "badnets", "blend", "clb")]
+    tables = []
+    failures = zoo._train_missing(tasks, tmp_path / "logs", jobs=3, table_only=False,
+                                  on_done=tables.append)
+    times = {(kind, name): t for kind, name, t in events}
+    assert times[("start", "clb")] >= times[("end", "clean")]
+    assert times[("start", "badnets")] < times[("end", "clean")]  # ran alongside
+    assert len(failures) == 1 and "blend" in failures[0]
+    assert ("end", "clb") in times and len(tables) == 4  # the table is rewritten per model
