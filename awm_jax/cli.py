@@ -314,6 +314,9 @@ def _add_sweep_parser(commands) -> None:
     sweep.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds [default: 0]")
     sweep.add_argument("--chunk-size", type=int, default=None,
                        help="members per compiled chunk [default: from a memory estimate]")
+    sweep.add_argument("--member-loop", choices=("auto", "vmap", "loop"), default="auto",
+                       help="AWM: vmap a chunk's members, or run each member's step in turn "
+                            "(faster on a CPU) [default: auto = loop on one CPU device]")
     sweep.add_argument("--devices", type=int, default=None,
                        help="shard members over this many devices [default: no mesh]")
     _add_clean_flags(sweep)
@@ -379,7 +382,8 @@ def _sweep(args) -> dict:
                              dataset_source=args.dataset, clean=_clean_config(args),
                              chunk_size=args.chunk_size, mesh=mesh, out_dir=args.out,
                              progress=not args.quiet, workdir=args.workdir,
-                             checkpoint_every=args.checkpoint_every, resume=args.resume)
+                             checkpoint_every=args.checkpoint_every, resume=args.resume,
+                             member_loop=args.member_loop)
     if distributed.is_main_process():
         print(print_table(table, spec.swept_names))
         print(f"{len(table['rows'])} members in {table['sweep_seconds']:.1f} s; wrote {args.out}")

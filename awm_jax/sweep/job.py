@@ -37,7 +37,7 @@ from awm_jax.sweep import report as report_lib
 from awm_jax.sweep.adapters import get_adapter
 from awm_jax.sweep.baselines import run_baseline_sweep
 from awm_jax.sweep.evaluate import evaluate_members
-from awm_jax.sweep.runner import run_sweep
+from awm_jax.sweep.runner import resolve_member_loop, run_sweep
 from awm_jax.sweep.spec import SweepSpec, member_keys
 
 METRICS = ("acc", "asr", "asr_all", "ra")
@@ -48,14 +48,14 @@ def sweep_model(model, variables, dataset: ImageDataset, attack: Attack, config,
                 chunk_size: int | None = None, mesh=None, out_dir: str | Path | None = None,
                 progress: bool = True, extra: dict[str, Any] | None = None,
                 workdir: str | os.PathLike | None = None, checkpoint_every: int = 1,
-                resume: bool = False) -> dict[str, Any]:
+                resume: bool = False, member_loop: str = "auto") -> dict[str, Any]:
     """Runs the sweep ``spec`` of ``spec.defense`` on a backdoored model and evaluates every
     member.
 
     ``config`` is the defense's config (:class:`AWMConfig`, :class:`FTConfig`,
     :class:`ANPConfig`). ``workdir``, ``checkpoint_every`` and ``resume`` (AWM only)
     checkpoint each seed group's :func:`run_sweep` in ``<workdir>/seed_<seed>``; ``clean``
-    defaults to ``CleanDataConfig()``.
+    defaults to ``CleanDataConfig()``; ``member_loop`` (AWM only) is :func:`run_sweep`'s.
 
     Returns:
       ``{"rows": [...], "defense", "config", "spec", "seconds", ...}``; each row holds
@@ -91,13 +91,15 @@ def sweep_model(model, variables, dataset: ImageDataset, attack: Attack, config,
             chunk_size=chunk_size, mesh=mesh, num_classes=dataset.num_classes,
             progress=progress,
             workdir=None if workdir is None else Path(workdir) / f"seed_{seed}",
-            checkpoint_every=checkpoint_every, resume=resume)
+            checkpoint_every=checkpoint_every, resume=resume, member_loop=member_loop)
         sweep_seconds += seconds
         for member, metrics, more in zip(group.members(), after, extras):
             rows.append({"member": len(rows), **member, **metrics,
                          **{f"before_{k}": before[k] for k in METRICS}, **more})
     table = {"dataset": dataset.name, "attack": attack.name, "defense": spec.defense,
              "config": config.to_dict(),
+             "member_loop": (resolve_member_loop(member_loop, mesh) if spec.defense == "awm"
+                             else "vmap"),
              "spec": {"grid": dict(spec.grid), "zip": dict(spec.zip), "seeds": list(spec.seeds)},
              "clean_data": clean.to_dict(), "n_clean": len(clean_split),
              "eval_size": len(eval_split), "sweep_seconds": sweep_seconds,
@@ -122,9 +124,10 @@ def _awm_group(model, variables, clean_split, eval_split, triggered, config, gro
 
 
 def _baseline_group(model, variables, clean_split, eval_split, triggered, config, group, *,
-                    checkpoint_every, **kwargs):
+                    checkpoint_every, member_loop, **kwargs):
     """One seed group of an FT/ANP sweep: ``(seconds, metrics per member, row extras)``."""
     del checkpoint_every  # no checkpoints: sweep_model refuses a workdir for baselines
+    del member_loop  # baseline sweeps are always vmapped
     result = run_baseline_sweep(group.defense, model, variables, clean_split, config, group,
                                 **kwargs)
     after = evaluate_members(model, variables, result.outputs, eval_split, triggered,

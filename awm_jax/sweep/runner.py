@@ -142,30 +142,79 @@ def available_memory(device: jax.Device | None = None) -> int:
         return 1 << 30
 
 
-class _VmappedDriver:
-    """The AWM steps vmapped over members and jitted once (state donated)."""
+MEMBER_LOOPS = ("auto", "vmap", "loop")
 
-    def __init__(self, steps: AWMSteps, config: AWMConfig):
-        self.steps, self.config = steps, config
+
+def resolve_member_loop(member_loop: str, mesh=None) -> str:
+    """``"auto"`` -> ``"loop"`` on a single CPU device, else ``"vmap"``.
+
+    On XLA's CPU backend a convolution whose kernel is batched over members (every member masks
+    the weights differently) becomes a grouped convolution that runs slower per member than
+    the plain one: 8 vmapped small-VGG members took longer than 8 sequential runs
+    (``experiments/results/performance.json``, ``sweep``). GPUs and TPUs batch them well.
+    """
+    if member_loop not in MEMBER_LOOPS:
+        raise ValueError(f"member_loop must be one of {MEMBER_LOOPS}; got {member_loop!r}.")
+    if member_loop != "auto":
+        if member_loop == "loop" and mesh_lib.sweep_size(mesh) > 1:
+            raise ValueError("member_loop='loop' runs members one after another on one device; "
+                             "a mesh with a 'sweep' axis of size "
+                             f"{mesh_lib.sweep_size(mesh)} needs member_loop='vmap'.")
+        return member_loop
+    on_one_cpu = (jax.default_backend() == "cpu" and mesh_lib.sweep_size(mesh) == 1
+                  and jax.process_count() == 1)
+    return "loop" if on_one_cpu else "vmap"
+
+
+@jax.jit
+def _member(tree, index):
+    return jax.tree_util.tree_map(lambda x: x[index], tree)
+
+
+@jax.jit
+def _stack_members(trees):
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _over_members(fn, in_axes, donate_argnums=(), member_loop="vmap"):
+    """``fn`` over a leading member axis of the ``in_axes == 0`` arguments: one vmapped
+    program (``"vmap"``), or the jitted single-member ``fn`` called per member and the results
+    stacked (``"loop"``: the same function, each member exactly as a single run computes it)."""
+    if member_loop == "vmap":
+        return jax.jit(jax.vmap(fn, in_axes=in_axes), donate_argnums=donate_argnums)
+    single = jax.jit(fn)
+
+    def looped(*args):
+        count = next(jax.tree_util.tree_leaves(arg)[0].shape[0]
+                     for arg, axis in zip(args, in_axes) if axis == 0)
+        return _stack_members([
+            single(*(_member(arg, index) if axis == 0 else arg
+                     for arg, axis in zip(args, in_axes)))
+            for index in range(count)])
+    return looped
+
+
+class _VmappedDriver:
+    """The AWM steps over members (vmapped and jitted once, state donated; or, with
+    ``member_loop="loop"``, the jitted single-member steps called per member)."""
+
+    def __init__(self, steps: AWMSteps, config: AWMConfig, member_loop: str = "vmap"):
+        self.steps, self.config, self.member_loop = steps, config, member_loop
+        over = functools.partial(_over_members, member_loop=member_loop)
         shared = (0, None, None)  # state, frozen, data
-        self.init = jax.jit(jax.vmap(steps.init, in_axes=(None, None, 0)))
-        self.begin_epoch = jax.jit(jax.vmap(steps.begin_epoch, in_axes=(*shared, 0)),
-                                   donate_argnums=0)
-        self.trigger_step = jax.jit(jax.vmap(steps.trigger_step, in_axes=(*shared, 0, 0)),
-                                    donate_argnums=0)
-        self.end_trigger_phase = jax.jit(jax.vmap(steps.end_trigger_phase, in_axes=(0, 0)),
-                                         donate_argnums=0)
-        self.mask_step = jax.jit(jax.vmap(steps.mask_step, in_axes=(*shared, 0, 0)),
-                                 donate_argnums=0)
-        self.end_epoch = jax.jit(jax.vmap(steps.end_epoch, in_axes=(0,)), donate_argnums=0)
-        self.selection_score = jax.jit(jax.vmap(steps.selection_score, in_axes=(*shared, 0)))
-        self.scanned_trigger_phase = jax.jit(
-            jax.vmap(steps.trigger_phase, in_axes=(*shared, 0, 0)), donate_argnums=0)
-        self.scanned_mask_phase = jax.jit(jax.vmap(steps.mask_phase, in_axes=(*shared, 0, 0)),
+        self.init = over(steps.init, (None, None, 0))
+        self.begin_epoch = over(steps.begin_epoch, (*shared, 0), donate_argnums=0)
+        self.trigger_step = over(steps.trigger_step, (*shared, 0, 0), donate_argnums=0)
+        self.end_trigger_phase = over(steps.end_trigger_phase, (0, 0), donate_argnums=0)
+        self.mask_step = over(steps.mask_step, (*shared, 0, 0), donate_argnums=0)
+        self.end_epoch = over(steps.end_epoch, (0,), donate_argnums=0)
+        self.selection_score = over(steps.selection_score, (*shared, 0))
+        self.scanned_trigger_phase = over(steps.trigger_phase, (*shared, 0, 0),
                                           donate_argnums=0)
-        self.shrink_init = jax.jit(jax.vmap(steps.shrink_init, in_axes=(0,)))
-        self.shrink_step = jax.jit(jax.vmap(steps.shrink_step, in_axes=(0, 0, None, None, 0, 0)),
-                                   donate_argnums=(0, 1))
+        self.scanned_mask_phase = over(steps.mask_phase, (*shared, 0, 0), donate_argnums=0)
+        self.shrink_init = over(steps.shrink_init, (0,))
+        self.shrink_step = over(steps.shrink_step, (0, 0, None, None, 0, 0),
+                                donate_argnums=(0, 1))
 
     def trigger_phase(self, state, frozen, data, epoch_key, hparams):
         """begin_epoch and the trigger ascent for every member (``epoch_key``: ``key[M]``);
@@ -197,17 +246,19 @@ class _VmappedDriver:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_driver(model: nn.Module, config: AWMConfig, num_clean: int) -> _VmappedDriver:
-    return _VmappedDriver(make_awm_steps(model, config, num_clean), config)
+def _cached_driver(model: nn.Module, config: AWMConfig, num_clean: int,
+                   member_loop: str) -> _VmappedDriver:
+    return _VmappedDriver(make_awm_steps(model, config, num_clean), config, member_loop)
 
 
-def _driver(model: nn.Module, config: AWMConfig, num_clean: int) -> _VmappedDriver:
-    """The vmapped, jitted steps of one setup, reused so that a second sweep (the next seed
-    group, a resume) with an equal model and config does not compile again."""
+def _driver(model: nn.Module, config: AWMConfig, num_clean: int,
+            member_loop: str = "vmap") -> _VmappedDriver:
+    """The jitted steps over members of one setup, reused so that a second sweep (the next
+    seed group, a resume) with an equal model and config does not compile again."""
     try:
-        return _cached_driver(model, config, num_clean)
+        return _cached_driver(model, config, num_clean, member_loop)
     except TypeError:  # an unhashable module attribute: build the steps uncached.
-        return _VmappedDriver(make_awm_steps(model, config, num_clean), config)
+        return _VmappedDriver(make_awm_steps(model, config, num_clean), config, member_loop)
 
 
 @jax.jit
@@ -253,7 +304,8 @@ def run_sweep(model: nn.Module, variables: Variables, clean: Split, config: AWMC
               chunk_size: int | None = None, mesh: jax.sharding.Mesh | None = None,
               num_classes: int | None = None, progress: bool = True,
               workdir: str | os.PathLike | None = None, checkpoint_every: int = 1,
-              max_to_keep: int = 2, resume: bool = False) -> SweepResult:
+              max_to_keep: int = 2, resume: bool = False,
+              member_loop: str = "auto") -> SweepResult:
     """Runs AWM for every sweep member at once (vmapped), in chunks, optionally over devices.
 
     Args:
@@ -281,13 +333,17 @@ def run_sweep(model: nn.Module, variables: Variables, clean: Split, config: AWMC
         holding checkpoints is an error. A resumed sweep returns the same masks, metrics and
         selected epochs, bit for bit, as an uninterrupted one with the same inputs, chunk size
         and mesh (on the same device type).
+      member_loop: how a chunk's members run: ``"vmap"`` (one batched program per step),
+        ``"loop"`` (each member's jitted single-run step in turn, so each member computes
+        exactly what its single run does) or ``"auto"`` (:func:`resolve_member_loop`: loop
+        on one CPU device, where batched convolutions are slower, else vmap).
 
     Returns:
       A :class:`SweepResult` with ``M`` members in spec order.
 
     Raises:
       ValueError: invalid clean data, hparams/keys of mismatched sizes, a non-positive chunk
-        size, clean data that the mesh's ``"data"`` axis does not divide, ``resume`` without
+        size, an unknown ``member_loop`` or ``"loop"`` with a multi-device mesh, clean data that the mesh's ``"data"`` axis does not divide, ``resume`` without
         ``workdir``, a ``workdir`` with a sweep spanning processes, checkpoints in ``workdir``
         without ``resume``, or a checkpoint of another config, chunk size, mesh or inputs.
     """
@@ -302,7 +358,8 @@ def run_sweep(model: nn.Module, variables: Variables, clean: Split, config: AWMC
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}.")
     data = _validate_clean(clean, num_classes)
-    driver = _driver(model, config, int(data["label"].shape[0]))
+    driver = _driver(model, config, int(data["label"].shape[0]),
+                     resolve_member_loop(member_loop, mesh))
     frozen = Frozen(variables["params"], variables["batch_stats"])
     multiple = mesh_lib.sweep_size(mesh)
     if chunk_size is None:

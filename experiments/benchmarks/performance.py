@@ -237,8 +237,9 @@ def train_step_conv_impls(width: int, batch: int, reps: int, impls: list[str]) -
     return result
 
 
-def sweep_speedup(members: list[int], epochs: int) -> list[dict]:
-    """K vmapped members vs K sequential runs of the small-VGG one-shot setting."""
+def sweep_speedup(members: list[int], epochs: int, member_loops: list[str]) -> list[dict]:
+    """K members of the small-VGG one-shot setting in one sweep (per ``member_loop``: vmapped,
+    or each member's jitted step in turn) vs K sequential ``run_awm`` runs."""
     name, kwargs, count, batch = AWM_CASES["small_vgg_oneshot_100"]
     model = create_model(name, 10, **kwargs)
     variables = init_variables(model, jax.random.key(0), (32, 32, 3))
@@ -247,20 +248,45 @@ def sweep_speedup(members: list[int], epochs: int) -> list[dict]:
     rows = []
     for k in members:
         spec = SweepSpec(grid={"alpha": list(np.linspace(0.5, 0.95, k))}, seeds=[0])
-        start = time.perf_counter()
-        swept = run_sweep(model, variables, clean, config, spec, progress=False)
-        jax.block_until_ready(jax.tree_util.tree_leaves(swept.masks))
-        vmapped = time.perf_counter() - start
+        row = {"members": k}
+        for member_loop in member_loops:
+            start = time.perf_counter()
+            swept = run_sweep(model, variables, clean, config, spec, progress=False,
+                              member_loop=member_loop)
+            jax.block_until_ready(jax.tree_util.tree_leaves(swept.masks))
+            row[f"{member_loop}_seconds"] = round(time.perf_counter() - start, 2)
         start = time.perf_counter()
         for member_config in spec.configs(config):
             run_awm(model, variables, clean, member_config, member_keys(0)["defense"],
                     progress=False)
-        sequential = time.perf_counter() - start
-        rows.append({"members": k, "vmapped_seconds": round(vmapped, 2),
-                     "sequential_seconds": round(sequential, 2),
-                     "speedup": round(sequential / vmapped, 2)})
-        print(json.dumps(rows[-1]), flush=True)
+        row["sequential_seconds"] = round(time.perf_counter() - start, 2)
+        for member_loop in member_loops:
+            row[f"{member_loop}_speedup"] = round(
+                row["sequential_seconds"] / row[f"{member_loop}_seconds"], 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
+
+
+SECTIONS = ("ceiling", "awm_epoch", "conv_impl", "train_step", "sweep")
+
+
+def _merged(path: str | None, result: dict, skip: set[str]) -> dict:
+    """``path``'s results with the sections of ``result`` that ran replacing theirs; every
+    section records the command (and machine) that measured it under ``"measured_by"``."""
+    if path is None or not os.path.isfile(path):
+        raise SystemExit(f"--update needs an existing --out file; got {path!r}")
+    with open(path) as handle:
+        merged = json.load(handle)
+    ran = [name for name in SECTIONS if name not in skip and name in result]
+    by = merged.setdefault("measured_by", {})
+    for name in SECTIONS:
+        by.setdefault(name, {"command": merged.get("command"), "versions": merged.get("versions")})
+    for name in ran:
+        merged[name] = result[name]
+        by[name] = {"command": result["command"], "versions": result["versions"],
+                    "machine": result["machine"]}
+    return merged
 
 
 def main() -> None:
@@ -276,7 +302,12 @@ def main() -> None:
     parser.add_argument("--conv-impl-cases", default=None,
                         help="AWM cases of the conv_impl comparison (default: --cases)")
     parser.add_argument("--train-reps", type=int, default=3)
+    parser.add_argument("--member-loops", default="vmap,loop",
+                        help="sweep: the run_sweep member_loop modes timed against sequential")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--update", action="store_true",
+                        help="merge the sections run into the existing --out file (each "
+                             "section keeps the command that measured it)")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     result = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
@@ -304,7 +335,10 @@ def main() -> None:
         print(json.dumps({"train_step": result["train_step"]}), flush=True)
     if "sweep" not in skip:
         result["sweep"] = sweep_speedup([int(k) for k in args.members.split(",")],
-                                        args.sweep_epochs)
+                                        args.sweep_epochs,
+                                        list(filter(None, args.member_loops.split(","))))
+    if args.update:
+        result = _merged(args.out, result, skip)
     if args.out:
         write_json_atomic(args.out, result)
     print(json.dumps(result, indent=2))

@@ -21,7 +21,7 @@ from awm_jax.defenses.awm.runner import _Driver
 from awm_jax.eval.metrics import backdoor_metrics, make_predict_fn, predict_in_batches
 from awm_jax.sweep.evaluate import evaluate_members
 from awm_jax.sweep.mesh import make_sweep_mesh, shard_members
-from awm_jax.sweep.runner import estimate_chunk_size, run_sweep
+from awm_jax.sweep.runner import estimate_chunk_size, resolve_member_loop, run_sweep
 from awm_jax.sweep.spec import SweepSpec, member_keys
 
 ATOL = 1e-5
@@ -32,10 +32,12 @@ def setup():
     return tiny_setup()
 
 
-@pytest.fixture(scope="module")
-def swept(setup):
+@pytest.fixture(scope="module", params=["vmap", "loop"])
+def swept(setup, request):
+    """The sweep with its members vmapped, and with each member's single-run step in turn."""
     model, variables, clean, config, spec = setup
-    return run_sweep(model, variables, clean, config, spec, progress=False)
+    return run_sweep(model, variables, clean, config, spec, progress=False,
+                     member_loop=request.param)
 
 
 def _alone(driver, frozen, data, member_config, key):
@@ -187,3 +189,11 @@ def test_run_sweep_rejects_bad_arguments(setup):
     hparams, keys = spec.stack(config)
     with pytest.raises(ValueError, match="number of keys"):
         run_sweep(model, variables, clean, config, hparams, keys[:3])
+
+
+def test_member_loop_is_a_loop_on_one_cpu_device_and_names_bad_values():
+    assert jax.default_backend() == "cpu"
+    assert resolve_member_loop("auto") == "loop"
+    assert resolve_member_loop("vmap") == "vmap" and resolve_member_loop("loop") == "loop"
+    with pytest.raises(ValueError, match="member_loop must be one of"):
+        resolve_member_loop("pmap")
