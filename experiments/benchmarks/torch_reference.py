@@ -34,21 +34,39 @@ BATCH, SIZE, CHANNELS, MATMUL_N = 128, 32, 64, 2048
 CONV_FLOPS = 2 * BATCH * SIZE * SIZE * CHANNELS * CHANNELS * 9
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (compilation, allocator)
+def _median_seconds(fn, repeats: int, *args) -> float:
+    fn(*args)  # warm-up (compilation, allocator)
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        fn(*args)
         seconds.append(time.perf_counter() - start)
     return statistics.median(seconds)
+
+
+def _jax_call(fn, *args):
+    jax.block_until_ready(fn(*args))
+
+
+def _torch_forward(images, kernel):
+    import torch
+
+    with torch.no_grad():
+        torch.nn.functional.conv2d(images, kernel, padding=1)
+
+
+def _torch_forward_backward(images, kernel):
+    import torch
+
+    images.grad = kernel.grad = None
+    (torch.nn.functional.conv2d(images, kernel, padding=1) ** 2).sum().backward()
 
 
 def jax_numbers(repeats: int) -> dict:
     a = jnp.ones((MATMUL_N, MATMUL_N), jnp.float32)
     matmul = jax.jit(lambda x, y: x @ y)
     out = {"matmul_float32_gflops": 2 * MATMUL_N ** 3 / _median_seconds(
-        lambda: matmul(a, a).block_until_ready(), repeats) / 1e9}
+        _jax_call, repeats, matmul, a, a) / 1e9}
     images = jnp.ones((BATCH, SIZE, SIZE, CHANNELS), jnp.float32)
     kernel = jnp.ones((3, 3, CHANNELS, CHANNELS), jnp.float32) * 0.01
     for name, conv_fn in (("lax", jax.lax.conv_general_dilated),
@@ -60,9 +78,9 @@ def jax_numbers(repeats: int) -> dict:
         grads = jax.jit(jax.grad(lambda x, k, conv=conv: jnp.sum(conv(x, k) ** 2),
                                  argnums=(0, 1)))
         out[f"conv3x3_{name}_forward_gflops"] = CONV_FLOPS / _median_seconds(
-            lambda: forward(images, kernel).block_until_ready(), repeats) / 1e9
+            _jax_call, repeats, forward, images, kernel) / 1e9
         out[f"conv3x3_{name}_forward_backward_gflops"] = 3 * CONV_FLOPS / _median_seconds(
-            lambda: jax.block_until_ready(grads(images, kernel)), repeats) / 1e9
+            _jax_call, repeats, grads, images, kernel) / 1e9
     return out
 
 
@@ -73,25 +91,18 @@ def torch_numbers(repeats: int) -> dict:
     a = torch.ones(MATMUL_N, MATMUL_N)
     out = {"threads": torch.get_num_threads(),
            "matmul_float32_gflops": 2 * MATMUL_N ** 3 / _median_seconds(
-               lambda: a @ a, repeats) / 1e9}
+               torch.matmul, repeats, a, a) / 1e9}
     for layout in ("nchw", "channels_last"):
         images = torch.ones(BATCH, CHANNELS, SIZE, SIZE)
         kernel = torch.ones(CHANNELS, CHANNELS, 3, 3) * 0.01
         if layout == "channels_last":
             images = images.contiguous(memory_format=torch.channels_last)
             kernel = kernel.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            out[f"conv3x3_{layout}_forward_gflops"] = CONV_FLOPS / _median_seconds(
-                lambda: torch.nn.functional.conv2d(images, kernel, padding=1), repeats) / 1e9
-        x = images.clone().requires_grad_(True)
-        w = kernel.clone().requires_grad_(True)
-
-        def forward_backward():
-            x.grad = w.grad = None
-            (torch.nn.functional.conv2d(x, w, padding=1) ** 2).sum().backward()
-
+        out[f"conv3x3_{layout}_forward_gflops"] = CONV_FLOPS / _median_seconds(
+            _torch_forward, repeats, images, kernel) / 1e9
         out[f"conv3x3_{layout}_forward_backward_gflops"] = 3 * CONV_FLOPS / _median_seconds(
-            forward_backward, repeats) / 1e9
+            _torch_forward_backward, repeats, images.clone().requires_grad_(True),
+            kernel.clone().requires_grad_(True)) / 1e9
     return out
 
 
