@@ -6,6 +6,11 @@ None``) and jitted once here, with the state donated. As in :func:`run_awm`, Pyt
 epochs (``loop="python"``: a Python loop over the vmapped, jitted trigger/mask steps, the fast
 mode on CPU) or each phase is one ``lax.scan`` (``loop="scan"``).
 
+On one CPU device the default ``member_loop="auto"`` calls the jitted single-member steps once
+per member instead (:func:`resolve_member_loop`: XLA's CPU backend runs convolutions whose
+kernels differ per member slower than the members one by one); the state stays stacked, so
+chunking, checkpoints and results keep their shapes.
+
 Members run in chunks of ``chunk_size``; every chunk has the same size (the last is padded with
 copies of the last member, whose results are dropped), so the steps compile once. With a mesh,
 each chunk's member axis is sharded over ``"sweep"`` (:mod:`awm_jax.sweep.mesh`) and the chunk
@@ -343,8 +348,8 @@ def run_sweep(model: nn.Module, variables: Variables, clean: Split, config: AWMC
 
     Raises:
       ValueError: invalid clean data, hparams/keys of mismatched sizes, a non-positive chunk
-        size, an unknown ``member_loop`` or ``"loop"`` with a multi-device mesh, clean data that the mesh's ``"data"`` axis does not divide, ``resume`` without
-        ``workdir``, a ``workdir`` with a sweep spanning processes, checkpoints in ``workdir``
+        size, an unknown ``member_loop`` or ``"loop"`` with a multi-device mesh, clean data
+        that the mesh's ``"data"`` axis does not divide, ``resume`` without ``workdir``, a ``workdir`` with a sweep spanning processes, checkpoints in ``workdir``
         without ``resume``, or a checkpoint of another config, chunk size, mesh or inputs.
     """
     if resume and workdir is None:

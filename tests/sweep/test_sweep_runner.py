@@ -197,3 +197,13 @@ def test_member_loop_is_a_loop_on_one_cpu_device_and_names_bad_values():
     assert resolve_member_loop("vmap") == "vmap" and resolve_member_loop("loop") == "loop"
     with pytest.raises(ValueError, match="member_loop must be one of"):
         resolve_member_loop("pmap")
+
+
+def test_a_looped_member_is_bit_identical_to_its_single_run(setup):
+    model, variables, clean, config, spec = setup
+    looped = run_sweep(model, variables, clean, config, spec, progress=False,
+                       member_loop="loop")
+    index = 2
+    alone = run_awm(model, variables, clean, spec.configs(config)[index],
+                    member_keys(spec.members()[index]["seed"])["defense"], progress=False)
+    chex.assert_trees_all_equal(looped.member_mask(index), alone.mask)
