@@ -68,7 +68,8 @@ class DatasetRecipe:
     attack_params: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
 
-# conv_impl="fast" trains 1.44x faster on this CPU (experiments/results/perf_notes.md); on a
+# conv_impl="fast" trains a width-16 step 1.16x faster on this CPU (idle machine,
+# experiments/results/performance.json train_step; 1.44x under load, perf_notes.md); on a
 # GPU pass ``--set conv_impl=lax`` (cuDNN). The two differ only by float32 rounding, and each
 # model's metadata.json records the one it was trained with. Epochs: 12 CIFAR-10 epochs gave
 # ACC 0.831 (below the 0.85 bar), 20 give 0.851-0.860 over the zoo.
