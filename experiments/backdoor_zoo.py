@@ -32,7 +32,6 @@ import json
 import shlex
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
@@ -283,7 +282,6 @@ def _train_missing(tasks, logs: Path, jobs: int, table_only: bool, on_done) -> l
     missing = [] if table_only else [t for t in tasks if not (t[2] / "metadata.json").is_file()]
     if missing:
         logs.mkdir(parents=True, exist_ok=True)
-    table_lock = threading.Lock()
     futures: dict[tuple[str, str], Future] = {}
 
     def train(name, attack_name, model_dir, argv, *_):
@@ -302,8 +300,7 @@ def _train_missing(tasks, logs: Path, jobs: int, table_only: bool, on_done) -> l
             if error is not None:
                 failures.append(str(error))
                 print(f"FAILED: {error}", flush=True)
-            with table_lock:
-                on_done(_rows(tasks))
+            on_done(_rows(tasks))  # from this thread only: one writer
     return failures
 
 
