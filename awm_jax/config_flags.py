@@ -64,6 +64,14 @@ def _parser_for(annotation: Any, default: Any):
     return lambda value: None if value.lower() == "none" else convert(value)
 
 
+def field_parser(cls: type, name: str):
+    """The string -> value converter of field ``name`` of config class ``cls``: what its
+    ``--flag`` uses (raises ``ValueError`` or ``argparse.ArgumentTypeError`` on bad text)."""
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    default = field.default if field.default is not dataclasses.MISSING else None
+    return _parser_for(typing.get_type_hints(cls).get(name, ""), default)
+
+
 def _parse_bool(value: str) -> bool:
     lowered = value.lower()
     if lowered in ("1", "true", "yes", "on"):

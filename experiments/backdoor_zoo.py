@@ -36,6 +36,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from awm_jax.config_flags import field_parser
 from awm_jax.serialization import library_versions, write_json_atomic, write_atomic
 from awm_jax.training.config import TrainConfig
 
@@ -143,8 +144,9 @@ _KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str:
 
 
 def parse_overrides(pairs: list[str]) -> dict:
-    """``["epochs=24", "conv_impl=lax"]`` -> ``TrainConfig`` field values, each parsed as the
-    type of the field's default (bool: true/false; tuple: comma-separated ints).
+    """``["epochs=24", "conv_impl=lax"]`` -> ``TrainConfig`` field values, each parsed as its
+    ``awm-jax train-backdoor --<field>`` flag parses it (bool: true/false; tuple:
+    comma-separated ints).
 
     Raises:
       ValueError: a pair without ``=``, an unknown or non-scalar field, or an unparsable value.
@@ -159,18 +161,11 @@ def parse_overrides(pairs: list[str]) -> dict:
         if key not in settable:
             raise ValueError(f"--set {pair!r}: {key!r} is not a TrainConfig field; settable: "
                              f"{sorted(settable)}")
-        kind = type(getattr(defaults, key))
         try:
-            if kind is bool:
-                if text.lower() not in ("true", "false"):
-                    raise ValueError("expected true or false")
-                value = text.lower() == "true"
-            elif kind is tuple:
-                value = tuple(int(v) for v in text.split(",") if v)
-            else:
-                value = kind(text)
-        except ValueError as error:
-            raise ValueError(f"--set {pair!r}: {key} takes {_KIND_NAMES[kind]} ({error})") from None
+            value = field_parser(TrainConfig, key)(text)
+        except (ValueError, argparse.ArgumentTypeError) as error:
+            kind = _KIND_NAMES[type(getattr(defaults, key))]
+            raise ValueError(f"--set {pair!r}: {key} takes {kind} ({error})") from None
         overrides[key] = value
     return overrides
 
