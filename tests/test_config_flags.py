@@ -55,5 +55,8 @@ def test_preset_flag_is_the_base_of_the_other_flags():
     assert config_from_flags(args, AblationConfig, "ablation_") == preset("awm", tau=50.0)
     assert defense_flags_set(args) == {"ablation": {"preset": "awm", "tau": 50.0}}
     assert defense_flags_set(_parse([])) == {}
+    nad_args = _parse(["--nad-preset", "official", "--nad-lr-decay-epochs", "2,4"])
+    assert config_from_flags(nad_args, NADConfig, "nad_") == NADConfig.preset(
+        "official", lr_decay_epochs=(2, 4))
     with pytest.raises(SystemExit):
         _parse(["--ablation-preset", "nope"])

@@ -50,7 +50,13 @@ from awm_jax.defenses.ablation_steps import AblationHparams, make_ablation_steps
 from awm_jax.defenses.anp import prune, scale_batchnorm
 from awm_jax.defenses.awm.mask import apply_mask, mask_statistics
 from awm_jax.defenses.awm.step import Frozen, phase_keys
-from awm_jax.defenses.base import DEFENSES, Defense, DefenseResult, build_once
+from awm_jax.defenses.base import (
+    DEFENSES,
+    Defense,
+    DefenseResult,
+    build_once,
+    config_preset,
+)
 from awm_jax.defenses.checkpointing import open_checkpointer
 from awm_jax.defenses.divergence import raise_if_diverged
 from awm_jax.defenses.finetune import ConfigDictMixin, check_positive, validate_clean
@@ -159,9 +165,7 @@ class AblationConfig(ConfigDictMixin):
         Raises:
           ValueError: unknown row; the message lists the known ones.
         """
-        if name not in _ROWS:
-            raise ValueError(f"unknown ablation preset {name!r}; known: {', '.join(_ROWS)}.")
-        return cls(**{**_ROWS[name], **overrides})
+        return config_preset(cls, _ROWS, name, "ablation", overrides)
 
     def hparams(self) -> AblationHparams:
         return AblationHparams(*(jnp.asarray(v, jnp.float32) for v in (

@@ -22,6 +22,18 @@ from awm_jax.types import PRNGKey, Variables
 EpochCallback = Callable[[int, Variables], dict[str, float]]
 
 
+def config_preset(cls: type, presets: dict[str, dict[str, Any]], name: str, what: str,
+                  overrides: dict[str, Any]):
+    """``cls(**presets[name], **overrides)``: a config class's named setting.
+
+    Raises:
+      ValueError: ``name`` is not in ``presets``; the message names ``what`` and lists them.
+    """
+    if name not in presets:
+        raise ValueError(f"unknown {what} preset {name!r}; known: {', '.join(presets)}.")
+    return cls(**{**presets[name], **overrides})
+
+
 @dataclasses.dataclass
 class DefenseResult:
     """What every defense returns.

@@ -151,6 +151,8 @@ def run_epochs(step, state, data: dict[str, Array], key: PRNGKey, hparams, *, ep
                checkpointer=None) -> tuple[Any, list[dict], float]:
     """Drives a jitted ``step`` over ``epochs`` shuffled passes of ``data``.
 
+    ``hparams`` is the step's hyperparameter pytree, or a function of the (0-based) epoch that
+    returns it (a learning-rate schedule; its leaves stay arrays, so nothing recompiles).
     Each epoch permutes the images with ``fold_in(key, epoch)`` and takes
     ``max(1, N // b)`` batches of ``b = min(batch_size, N)`` (the remainder is dropped, so one
     shape compiles). Returns ``(state, history, seconds)``; callback time is excluded.
@@ -175,11 +177,12 @@ def run_epochs(step, state, data: dict[str, Array], key: PRNGKey, hparams, *, ep
         order_key, epoch_key = jax.random.split(jax.random.fold_in(key, epoch))
         order = jax.random.permutation(order_key, count)
         metrics = []
+        epoch_hparams = hparams(epoch) if callable(hparams) else hparams
         for index in range(max(1, count // batch)):
             rows = order[index * batch:(index + 1) * batch]
             minibatch = {"image": data["image"][rows], "label": data["label"][rows]}
             state, step_metrics = step(state, minibatch, jax.random.fold_in(epoch_key, index),
-                                       hparams)
+                                       epoch_hparams)
             metrics.append(step_metrics)
         record = {"epoch": epoch + 1, **{k: float(jnp.mean(jnp.stack([m[k] for m in metrics])))
                                          for k in metrics[0] if k != "finite"}}

@@ -44,7 +44,7 @@ _CASES = {
     "anp": (ANPConfig(iterations=5, batch_size=32, eps=1e38),
             "ANP diverged in block 1/3: non-finite loss=nan, ",
             "Lower mask_lr (now 0.2) or eps (now 1e+38)."),
-    "ibau": (IBAUConfig(rounds=3, batch_size=32, perturbation_learning_rate=1e38),
+    "ibau": (IBAUConfig(rounds=3, learning_rate=1e-3, perturbation_learning_rate=1e38),
              "I-BAU diverged in round 1/3: non-finite ce=nan, hypergradient_norm=nan",
              ("Lower learning_rate (now 0.001), inner_learning_rate (now 0.1) or "
               "perturbation_learning_rate (now 1e+38).")),

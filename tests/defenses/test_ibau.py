@@ -142,6 +142,12 @@ def test_ordered_batches_cover_every_image_and_wrap():
     assert [b.tolist() for b in batches] == [[0, 1, 2], [3, 4, 5], [6, 0, 1]]
 
 
+def test_official_preset_and_bad_preset():
+    assert IBAUConfig.preset("official") == IBAUConfig(learning_rate=1e-3, batch_size=100)
+    with pytest.raises(ValueError, match="unknown I-BAU preset 'x'; known: official"):
+        IBAUConfig.preset("x")
+
+
 def test_ibau_lowers_asr_on_a_real_backdoor(backdoor):
     # Official settings except three that depend on the data's size: batch 15 (10 outer steps
     # per round on 150 images instead of 50 on CIFAR's 5,000), 20% of each batch patched
@@ -150,7 +156,8 @@ def test_ibau_lowers_asr_on_a_real_backdoor(backdoor):
     # 0-2): ASR 0.99 -> 0.04-0.16, ACC 0.98 -> 0.79-0.80 after two rounds. The first round's
     # perturbation sends ~65% of clean images to the target; later rounds find ordinary
     # universal perturbations, and ASR creeps back up (0.26-0.36 after round 3), so two.
-    config = IBAUConfig(batch_size=15, patch_fraction=0.2, perturbation_radius=3.0, rounds=2)
+    config = IBAUConfig.preset("official", batch_size=15, patch_fraction=0.2,
+                               perturbation_radius=3.0, rounds=2)
     result = purify("ibau", backdoor.model, backdoor.variables, backdoor.clean,
                     jax.random.key(0), config, num_classes=backdoor.num_classes,
                     progress=False)

@@ -28,7 +28,8 @@ def backdoor():
 
 @pytest.mark.parametrize("field, value", [("beta", -1.0), ("power", 0.0), ("learning_rate", 0.0),
                                           ("teacher_epochs", -1), ("layers", ()),
-                                          ("layers", "BatchNorm_0")])
+                                          ("layers", "BatchNorm_0"), ("last_layers", 0),
+                                          ("lr_decay", 0.0), ("lr_decay_epochs", (-1,))])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         NADConfig(**{field: value})
@@ -51,14 +52,34 @@ def test_attention_map_matches_numpy_oracle():
 def test_default_layers_are_stage_outputs_or_batchnorms():
     resnet = create_model("resnet18", 10, width=4)
     # Shapes only (no compile): the layer choice reads the forward pass, never values.
-    variables = jax.eval_shape(resnet.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
-    assert default_layers(resnet, variables, (16, 16, 3)) == tuple(
-        f"layer{i}_block1" for i in range(1, 5))
+    resnet_variables = jax.eval_shape(resnet.init, jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+    stages = tuple(f"layer{i}_block1" for i in range(1, 5))
+    assert default_layers(resnet, resnet_variables, (16, 16, 3)) == stages
+    # last_layers trims only the automatic choice; the official preset keeps the last stage.
+    assert resolve_layers(resnet, resnet_variables, (16, 16, 3), NADConfig()) == stages[1:]
+    assert resolve_layers(resnet, resnet_variables, (16, 16, 3),
+                          NADConfig.preset("official")) == stages[-1:]
+    assert resolve_layers(resnet, resnet_variables, (16, 16, 3),
+                          NADConfig(last_layers=None)) == stages
     cnn = create_model("small_cnn", 10, features=(4, 8))
     variables = init_variables(cnn, jax.random.key(0), (8, 8, 1))
     assert default_layers(cnn, variables, (8, 8, 1)) == ("BatchNorm_0", "BatchNorm_1")
+    assert resolve_layers(cnn, variables, (8, 8, 1),
+                          NADConfig(last_layers=1, layers=("BatchNorm_0",))) == ("BatchNorm_0",)
     with pytest.raises(ValueError, match="Conv_7"):
         resolve_layers(cnn, variables, (8, 8, 1), NADConfig(layers=("Conv_7",)))
+
+
+def test_presets_and_learning_rate_schedule():
+    official = NADConfig.preset("official")
+    assert (official.beta, official.learning_rate, official.last_layers) == (5000.0, 0.1, 1)
+    assert [official.learning_rate_at(e) for e in range(4)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01])
+    assert NADConfig.preset("paper", epochs=3).epochs == 3
+    assert [NADConfig(lr_decay_epochs=(1, 3), lr_decay=0.5).learning_rate_at(e)
+            for e in range(5)] == pytest.approx([0.01, 0.005, 0.005, 0.0025, 0.0025])
+    with pytest.raises(ValueError, match="unknown NAD preset 'nope'; known: official, paper"):
+        NADConfig.preset("nope")
 
 
 def test_step_jit_equals_eager_and_beta_zero_is_plain_ce():
@@ -77,15 +98,17 @@ def test_step_jit_equals_eager_and_beta_zero_is_plain_ce():
     jitted, metrics = jax.jit(step)(state, batch, jax.random.key(3), hparams)
     chex.assert_trees_all_close(eager, jitted, atol=1e-5, rtol=1e-4)
     assert float(metrics["at"]) > 0
-    np.testing.assert_allclose(metrics["loss"], metrics["ce"] + 5000 * metrics["at"], rtol=1e-5)
+    np.testing.assert_allclose(metrics["loss"], metrics["ce"] + 1000 * metrics["at"], rtol=1e-5)
     zero = hparams._replace(beta=jnp.float32(0.0))
     _, zero_metrics = jax.jit(step)(state, batch, jax.random.key(3), zero)
     np.testing.assert_allclose(zero_metrics["loss"], zero_metrics["ce"], rtol=1e-6)
 
 
 def test_nad_erases_a_real_backdoor(backdoor):
+    # The "paper" preset (beta 5000 on every layer, lr 0.1) is the one measured on digits.
     result = purify("nad", backdoor.model, backdoor.variables, backdoor.clean,
-                    jax.random.key(0), num_classes=backdoor.num_classes, progress=False)
+                    jax.random.key(0), NADConfig.preset("paper"),
+                    num_classes=backdoor.num_classes, progress=False)
     chex.assert_trees_all_equal_structs(result.variables, backdoor.variables)
     assert result.details["layers"] == ["BatchNorm_0", "BatchNorm_1"]
     after = backdoor.evaluate(result.variables)
