@@ -43,12 +43,11 @@ from awm_jax.data.dataset import Split
 from awm_jax.defenses.awm import AWMConfig, Frozen, make_awm_steps
 from awm_jax.defenses.awm.runner import _Driver, run_awm
 from awm_jax.models import create_model, init_variables
-from awm_jax.perf import with_conv_impl
-from awm_jax.training.state import create_train_state
-from awm_jax.training.steps import make_train_step
 from awm_jax.serialization import library_versions, write_json_atomic
 from awm_jax.sweep.runner import run_sweep
 from awm_jax.sweep.spec import SweepSpec, member_keys
+from awm_jax.training.state import create_train_state
+from awm_jax.training.steps import make_train_step
 
 AWM_CASES = {
     # name: (model, kwargs, n clean, batch)
@@ -175,12 +174,13 @@ def awm_epoch_conv_impls(case: str, epochs: int, impls: list[str]) -> dict:
     variables = init_variables(base, jax.random.key(0), (32, 32, 3))
     clean = _clean(count)
     data = {"image": jnp.asarray(clean.images), "label": jnp.asarray(clean.labels)}
-    config = AWMConfig(batch_size=batch)
-    hparams = config.hparams()
+    hparams = AWMConfig(batch_size=batch).hparams()
     frozen = Frozen(variables["params"], variables["batch_stats"])
     runs, compile_seconds = {}, {}
     for impl in impls:
-        steps = make_awm_steps(with_conv_impl(base, impl), config, count)
+        # make_awm_steps runs the model with config.conv_impl, so the config must carry it.
+        config = AWMConfig(batch_size=batch, conv_impl=impl)
+        steps = make_awm_steps(base, config, count)
         driver = _Driver(steps, config)
         start = time.perf_counter()
         state = _warm_awm(driver, steps.init(frozen.params, data, hparams), frozen, data, hparams)
