@@ -125,7 +125,8 @@ def compare_defenses(model, variables, dataset: ImageDataset, attack: Attack,
     Returns:
       ``{"rows": [...], "failed": [...], ...}``; each row has ``label, defense, config,
       acc, asr, asr_all, ra, seconds, error`` (metrics None and ``error`` set when the defense
-      raised); the first row, ``none``, is the backdoored model.
+      raised) and, for a defense that finished, its result's ``details``; the first row,
+      ``none``, is the backdoored model.
 
     Raises:
       ValueError: bad defense names or settings, or ``resume`` without ``workdir`` (before
@@ -178,7 +179,9 @@ def _run_one(spec: DefenseSpec, model, variables, clean_split, key, num_classes,
                 "seconds": time.perf_counter() - start,
                 "error": f"{type(error).__name__}: {error}",
                 "traceback": traceback.format_exc(limit=-8)}
-    return {**row, **metrics, "seconds": result.seconds, "error": None}
+    # details: what the defense decided (NC's flagged classes, FP's pruned channels, ...).
+    return {**row, **metrics, "seconds": result.seconds, "error": None,
+            "details": result.details}
 
 
 def _config_dict(config) -> dict[str, Any] | None:

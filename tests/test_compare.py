@@ -83,6 +83,8 @@ def test_compare_uses_one_clean_draw_and_writes_outputs(backdoor, tmp_path):
     assert {k: report["rows"][0][k] for k in single["before"]} == single["before"]
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert [r["label"] for r in saved["rows"]] == ["none", "ft", "awm"]
+    # Each defense's own report details travel with its row (as purify's report.json has them).
+    assert saved["rows"][1]["details"] == json.loads(json.dumps(single["details"]))
     table = (tmp_path / "compare.md").read_text()
     assert "| defense | ACC | ASR | ASR (all) | RA | seconds | error |" in table
     assert table.count("\n| ") == 4  # the header and the none, ft and awm rows
