@@ -28,8 +28,8 @@ Defaults. NAD's settings do not carry over between architectures, so there are t
   0.01-0.22 at ACC 0.86-0.90 (keys 0-2), where beta 0 leaves ASR 0.86-0.89 and lr 0.01 ASR
   ~0.99.
 
-On the ResNet-18 the two beta-5000 settings collapse clean accuracy (ACC 0.17 with
-``paper``): the attention loss is 50-110 against a CE of ~1 and drives the student to one
+On the ResNet-18 the two beta-5000 settings collapse clean accuracy (``compare``, 500 images:
+ACC 0.148 with ``official``, 0.169 with ``paper``): the attention loss is 50-110 against a CE of ~1 and drives the student to one
 class within two epochs. Our last stage is 4 x 4 where the WRN's is 8 x 8; the loss is a mean
 over positions of unit-normalised maps, so the same beta weighs about 4x more here. The
 teacher (FT defaults: lr 0.01, 10 epochs, plain momentum) keeps its accuracy in all three.
