@@ -15,26 +15,13 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from performance import AWM_CASES, _clean
-
-from awm_jax.defenses.awm import AWMConfig, Frozen, make_awm_steps
-from awm_jax.models import create_model, init_variables
+from performance import build_awm_case
 
 
 def main() -> None:
-    name, kwargs, count, batch = AWM_CASES["resnet18_full_500"]
-    model = create_model(name, 10, **kwargs)
-    variables = init_variables(model, jax.random.key(0), (32, 32, 3))
-    clean = _clean(count)
-    data = {"image": jnp.asarray(clean.images), "label": jnp.asarray(clean.labels)}
-    config = AWMConfig(batch_size=batch)
-    steps = make_awm_steps(model, config, count)
-    hparams = config.hparams()
-    frozen = Frozen(variables["params"], variables["batch_stats"])
-    state = steps.init(frozen.params, data, hparams)
+    steps, _, hparams, frozen, data, state = build_awm_case("resnet18_full_500")
     args = (state, frozen, data, jax.random.key(1), hparams)
     step = jax.jit(steps.mask_step)
     compiled = step.lower(*args).compile()

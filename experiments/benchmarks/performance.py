@@ -33,6 +33,7 @@ import platform
 import resource
 import statistics
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -107,19 +108,37 @@ def _flops(jitted, *args) -> float | None:
     return float(analysis.get("flops", 0.0)) or None
 
 
-def awm_epoch(case: str, epochs: int, matmul_gflops: float) -> dict:
-    """Seconds per AWM outer epoch of ``case`` with the official defaults, and what it achieves."""
+class AWMCase(NamedTuple):
+    """The AWM steps of one ``AWM_CASES`` entry with the official defaults, ready to call."""
+
+    steps: Any
+    config: AWMConfig
+    hparams: Any
+    frozen: Frozen
+    data: dict
+    state: Any
+
+
+def build_awm_case(case: str, conv_impl: str = "fast") -> AWMCase:
+    """Random weights and images for ``case``; ``conv_impl`` goes in the config, which
+    ``make_awm_steps`` applies to the model."""
     name, kwargs, count, batch = AWM_CASES[case]
     model = create_model(name, 10, **kwargs)
     variables = init_variables(model, jax.random.key(0), (32, 32, 3))
     clean = _clean(count)
     data = {"image": jnp.asarray(clean.images), "label": jnp.asarray(clean.labels)}
-    config = AWMConfig(batch_size=batch)
+    config = AWMConfig(batch_size=batch, conv_impl=conv_impl)
     steps = make_awm_steps(model, config, count)
-    driver = _Driver(steps, config)
     hparams = config.hparams()
     frozen = Frozen(variables["params"], variables["batch_stats"])
-    state = steps.init(frozen.params, data, hparams)
+    return AWMCase(steps, config, hparams, frozen, data, steps.init(frozen.params, data, hparams))
+
+
+def awm_epoch(case: str, epochs: int, matmul_gflops: float) -> dict:
+    """Seconds per AWM outer epoch of ``case`` with the official defaults, and what it achieves."""
+    name, kwargs, count, batch = AWM_CASES[case]
+    steps, config, hparams, frozen, data, state = build_awm_case(case)
+    driver = _Driver(steps, config)
     key = jax.random.key(1)
     start = time.perf_counter()
     trigger_flops = _flops(driver.trigger_step, state, frozen, data, key, hparams)

@@ -37,13 +37,10 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from performance import AWM_CASES, _clean
+from performance import AWM_CASES, build_awm_case
 
-from awm_jax.defenses.awm import AWMConfig, Frozen, make_awm_steps
-from awm_jax.models import create_model, init_variables
 from awm_jax.serialization import library_versions, write_json_atomic
 
 
@@ -137,16 +134,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--out")
     args = parser.parse_args()
-    name, kwargs, count, batch = AWM_CASES[args.case]
-    model = create_model(name, 10, **kwargs)
-    variables = init_variables(model, jax.random.key(0), (32, 32, 3))
-    clean = _clean(count)
-    data = {"image": jnp.asarray(clean.images), "label": jnp.asarray(clean.labels)}
-    config = AWMConfig(batch_size=batch, conv_impl=args.conv_impl)  # make_awm_steps applies it
-    steps = make_awm_steps(model, config, count)
-    hparams = config.hparams()
-    frozen = Frozen(variables["params"], variables["batch_stats"])
-    state = steps.init(frozen.params, data, hparams)
+    batch = AWM_CASES[args.case][3]
+    steps, _, hparams, frozen, data, state = build_awm_case(args.case, args.conv_impl)
     state = jax.jit(steps.begin_epoch)(state, frozen, data, hparams)
     key = jax.random.key(1)
     result = {"case": args.case, "conv_impl": args.conv_impl, "steps": args.steps,
