@@ -5,9 +5,12 @@ seconds, minor page faults and user / system CPU seconds (``getrusage``) as JSON
 under ``GLIBC_TUNABLES=...`` or ``strace -f -e trace=mmap,munmap`` to see where the faults come
 from (perf_notes.md section 5).
 
-    .venv/bin/python experiments/benchmarks/awm_page_faults.py
+    .venv/bin/python experiments/benchmarks/awm_page_faults.py [--mask-chunks K]
+
+``--mask-chunks`` sets ``AWMConfig.mask_chunks`` (the gradient over K chunks of the batch).
 """
 
+import argparse
 import json
 import os
 import resource
@@ -21,11 +24,16 @@ from performance import build_awm_case
 
 
 def main() -> None:
-    steps, _, hparams, frozen, data, state = build_awm_case("resnet18_full_500")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mask-chunks", type=int, default=1)
+    chunks = parser.parse_args().mask_chunks
+    steps, _, hparams, frozen, data, state = build_awm_case("resnet18_full_500",
+                                                            mask_chunks=chunks)
     args = (state, frozen, data, jax.random.key(1), hparams)
     step = jax.jit(steps.mask_step)
     compiled = step.lower(*args).compile()
-    print(json.dumps({"temp_mb": compiled.memory_analysis().temp_size_in_bytes / 1e6,
+    print(json.dumps({"mask_chunks": chunks,
+                      "temp_mb": compiled.memory_analysis().temp_size_in_bytes / 1e6,
                       "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}))
     jax.block_until_ready(step(*args))
     for _ in range(2):

@@ -28,7 +28,7 @@ def setup():
 
 def _steps(setup, **overrides):
     model, _, frozen, data = setup
-    config = AWMConfig(batch_size=4, inner_passes=1, tau=5.0, **overrides)
+    config = AWMConfig(**{"batch_size": 4, "inner_passes": 1, "tau": 5.0, **overrides})
     steps = make_awm_steps(model, config, data["label"].shape[0])
     state = steps.init(frozen.params, data, config.hparams())
     return config, steps, steps.begin_epoch(state, frozen, data, config.hparams())
@@ -79,6 +79,41 @@ def test_outer_loss_matches_hand_computation(setup):
     l1 = 1 * 9 * 4 + 4 * 9 * 6  # all-ones mask
     expected = 0.7 * ce(images) + 0.2 * ce(np.clip(images + 0.1, 0, 1)) + 1e-3 * l1
     np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("chunks", [2, 3])
+def test_chunked_mask_step_equals_the_whole_batch(setup, jit, chunks):
+    _, _, frozen, data = setup
+    key = jax.random.key(10)
+    outcomes = []
+    for mask_chunks in (1, chunks):
+        config, steps, state = _steps(setup, mask_lr=0.05, gamma=1e-3, batch_size=6,
+                                      mask_chunks=mask_chunks)
+        state = state.replace(trigger=0.2 * jnp.ones_like(state.trigger))
+        step = jax.jit(steps.mask_step) if jit else steps.mask_step
+        outcomes.append(step(state, frozen, data, key, config.hparams()))
+    (whole_state, whole_metrics), (chunked_state, chunked_metrics) = outcomes
+    chex.assert_trees_all_close(chunked_state.mask, whole_state.mask, atol=1e-6)
+    chex.assert_trees_all_close(chunked_metrics, whole_metrics, rtol=1e-5, atol=1e-6)
+    assert any(float(jnp.abs(leaf - 1.0).max()) > 1e-3  # the step moved the mask
+               for leaf in jax.tree_util.tree_leaves(whole_state.mask))
+
+
+def test_chunked_mask_step_vmaps_like_its_members(setup):
+    _, _, frozen, data = setup
+    config, steps, state = _steps(setup, mask_lr=0.05, gamma=1e-3, mask_chunks=2)
+    hparams = [config.hparams(), dataclasses.replace(config, alpha=0.5).hparams()]
+    stacked_hparams = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *hparams)
+    stacked = jax.tree_util.tree_map(lambda x: jnp.stack([x, x]), state)
+    keys = jax.random.split(jax.random.key(11), 2)
+    batch_state, _ = jax.jit(jax.vmap(steps.mask_step, in_axes=(0, None, None, 0, 0)))(
+        stacked, frozen, data, keys, stacked_hparams)
+    for member in range(2):
+        alone, _ = jax.jit(steps.mask_step)(state, frozen, data, keys[member], hparams[member])
+        chex.assert_trees_all_close(
+            jax.tree_util.tree_map(lambda x: x[member], batch_state.mask), alone.mask,
+            atol=1e-6)
 
 
 def test_beta_tied_to_one_minus_alpha_by_default(setup):
@@ -146,6 +181,7 @@ def test_mask_selection_returns_a_scored_epoch(setup):
     ("tau", 0.0, "tau must be a finite number > 0"), ("trigger_lr", float("inf"), "trigger_lr"),
     ("gamma", float("nan"), "gamma must be in"), ("outer_epochs", 0, "outer_epochs must be >= 1"),
     ("inner_labels", "guess", "inner_labels must be one of"), ("lr_decay", 0.0, "lr_decay"),
+    ("mask_chunks", 0, "mask_chunks must be >= 1"),
 ])
 def test_config_rejects_nonsense(field, value, match):
     with pytest.raises(ValueError, match=match):

@@ -90,6 +90,11 @@ class AWMConfig:
         (use it on GPUs).
         Applies to models with a ``conv_impl`` attribute (every registered one); others run as
         they are.
+      mask_chunks: the mask step computes its gradient over this many chunks of the batch, one
+        after another, and adds them up (capped at the batch size; not in the official code).
+        Same result up to float32 summation order; the step's temporary memory shrinks about
+        ``mask_chunks``-fold, which on CPU also saves the page faults of allocating it afresh
+        on every call (perf_notes.md section 5).
     """
 
     alpha: float = 0.9
@@ -113,6 +118,7 @@ class AWMConfig:
     mask_selection: str = "last"
     loop: str = "python"
     conv_impl: str = "fast"
+    mask_chunks: int = 1
 
     def __post_init__(self):
         _check_range("alpha", self.alpha, 0.0, 1.0)
@@ -125,7 +131,7 @@ class AWMConfig:
         _check_positive("shrink_lr", self.shrink_lr)
         if not 0.0 < self.lr_decay <= 1.0:
             raise ValueError(f"lr_decay must be in (0, 1]; got {self.lr_decay}.")
-        for name in ("outer_epochs", "inner_passes", "batch_size"):
+        for name in ("outer_epochs", "inner_passes", "batch_size", "mask_chunks"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}.")
         if self.shrink_epochs < 0:

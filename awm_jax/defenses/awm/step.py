@@ -120,6 +120,9 @@ def make_awm_steps(model: nn.Module, config: AWMConfig, num_clean: int) -> AWMSt
         model = with_conv_impl(model, config.conv_impl)
     batch_size = min(config.batch_size, num_clean)
     steps_per_phase = max(1, num_clean // batch_size) * config.inner_passes
+    chunks = min(config.mask_chunks, batch_size)
+    chunk_bounds = [(batch_size * i // chunks, batch_size * (i + 1) // chunks)
+                    for i in range(chunks)]
     tx = _mask_optimizer(config)
     shrink_tx = optax.adam(config.shrink_lr)
 
@@ -174,7 +177,11 @@ def make_awm_steps(model: nn.Module, config: AWMConfig, num_clean: int) -> AWMSt
             return state.replace(trigger=l1_rescale(state.trigger, hparams.tau))
         return state
 
-    def outer_objective(mask, frozen: Frozen, images, labels, trigger, hparams: AWMHparams):
+    def outer_objective(mask, frozen: Frozen, images, labels, trigger, hparams: AWMHparams,
+                        weight: float = 1.0):
+        """``weight * (alpha CE(x) + beta CE(clip(x + delta)) + gamma |m|_1)`` and its metrics
+        (each metric times ``weight``), so that chunks whose weights sum to 1 add up to the
+        whole batch's loss and metrics."""
         triggered = images + trigger
         if config.clip_outer:
             triggered = jnp.clip(triggered, 0.0, 1.0)
@@ -191,14 +198,37 @@ def make_awm_steps(model: nn.Module, config: AWMConfig, num_clean: int) -> AWMSt
                    "mask_l1": l1,
                    "clean_acc": jnp.mean(clean_logits.argmax(-1) == labels),
                    "triggered_acc": jnp.mean(triggered_logits.argmax(-1) == labels)}
-        return loss, metrics
+        return weight * loss, {name: weight * value for name, value in metrics.items()}
+
+    def mask_gradient(mask, frozen: Frozen, images, labels, trigger, hparams: AWMHparams):
+        """The outer loss's mask gradient over the batch, accumulated over
+        ``config.mask_chunks`` chunks computed one after another."""
+        if len(chunk_bounds) == 1:
+            return jax.grad(outer_objective, has_aux=True)(
+                mask, frozen, images, labels, trigger, hparams)
+        grads = metrics = None
+        for start, stop in chunk_bounds:
+            chunk = images[start:stop]
+            if grads is not None:
+                # The next chunk's forward waits for this chunk's backward, so XLA can give
+                # both the same temporary buffer instead of running them side by side.
+                grads, metrics, chunk = jax.lax.optimization_barrier((grads, metrics, chunk))
+            chunk_grads, chunk_metrics = jax.grad(outer_objective, has_aux=True)(
+                mask, frozen, chunk, labels[start:stop], trigger, hparams,
+                (stop - start) / batch_size)
+            if grads is None:
+                grads, metrics = chunk_grads, chunk_metrics
+            else:
+                grads = jax.tree.map(jnp.add, grads, chunk_grads)
+                metrics = jax.tree.map(jnp.add, metrics, chunk_metrics)
+        return grads, metrics
 
     def mask_step(state: AWMState, frozen: Frozen, data: Batch, key: PRNGKey,
                   hparams: AWMHparams) -> tuple[AWMState, Metrics]:
         index = draw_indices(data, key, batch_size)
         images, labels = data["image"][index], data["label"][index]
-        grads, metrics = jax.grad(outer_objective, has_aux=True)(
-            state.mask, frozen, images, labels, state.trigger, hparams)
+        grads, metrics = mask_gradient(state.mask, frozen, images, labels, state.trigger,
+                                       hparams)
         updates, opt_state = tx.update(grads, state.opt_state, state.mask)
         mask = clip_mask(optax.apply_updates(state.mask, updates))
         return state.replace(mask=mask, opt_state=opt_state), metrics
