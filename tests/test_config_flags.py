@@ -60,3 +60,27 @@ def test_preset_flag_is_the_base_of_the_other_flags():
         "official", lr_decay_epochs=(2, 4))
     with pytest.raises(SystemExit):
         _parse(["--ablation-preset", "nope"])
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--one-shot"], AWMConfig.preset("one_shot", tau=50.0)),
+    (["--one-shot", "--awm-preset", "official_one_shot"],
+     AWMConfig.preset("official_one_shot", tau=50.0)),
+    ([], AWMConfig(tau=50.0)),
+])
+def test_one_shot_data_starts_awm_from_the_one_shot_preset(extra, expected):
+    from awm_jax import cli
+
+    args = cli._parser().parse_args(["purify", "--checkpoint", "c", "--out", "o",
+                                     "--awm-tau", "50", *extra])
+    cli._one_shot_awm_default(args, runs_awm=True)
+    assert config_from_flags(args, AWMConfig, "awm_") == expected
+    assert AWMConfig.preset("one_shot").mask_lr == 1e-3  # differs from the official 1e-2
+
+
+def test_awm_presets():
+    assert AWMConfig.preset("official") == AWMConfig()
+    assert AWMConfig.preset("official_one_shot", alpha=0.5) == AWMConfig(
+        batch_size=32, tau=100.0, alpha=0.5)
+    with pytest.raises(ValueError, match="unknown AWM preset 'nope'; known: official"):
+        AWMConfig.preset("nope")

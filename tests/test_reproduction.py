@@ -109,21 +109,22 @@ def test_cells_rerun_only_what_changed():
                                      True) == (["ft"], False)
 
 
-def test_one_shot_budget_runs_awm_with_the_official_one_shot_settings():
+def test_one_shot_budget_runs_awm_with_its_one_shot_preset():
     sel = reproduction.selection(["table-a", "--budgets", "n500", "one_shot",
                                   "--override", "awm.alpha=0.99"])
     n500, one_shot = sel.budgets
     assert reproduction_cells.budget_overrides(sel.overrides, n500, sel.defenses) == {
         "awm": {"alpha": 0.99}, "nc": {"epochs": 50}}
     assert reproduction_cells.budget_overrides(sel.overrides, one_shot, sel.defenses) == {
-        "awm": {"batch_size": 32, "tau": 100.0, "alpha": 0.99}, "nc": {"epochs": 50}}
+        "awm": {"batch_size": 32, "tau": 100.0, "alpha": 0.99, "mask_lr": 1e-3},
+        "nc": {"epochs": 50}}
     # The command line wins over the budget; a budget's defense that does not run is dropped.
     sel = reproduction.selection(["table-a", "--defenses", "ft", "--budgets", "one_shot"])
     assert reproduction_cells.budget_overrides(sel.overrides, one_shot, sel.defenses) == {}
     sel = reproduction.selection(["table-a", "--budgets", "one_shot", "--override",
                                   "awm.tau=50"])
     assert reproduction_cells.budget_overrides(sel.overrides, one_shot, sel.defenses)["awm"] == {
-        "batch_size": 32, "tau": 50.0}
+        "batch_size": 32, "tau": 50.0, "alpha": 0.99, "mask_lr": 1e-3}
 
 
 def test_figure_plot_handles_zero_on_a_log_axis(tmp_path):
