@@ -151,9 +151,9 @@ def _add_clean_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--per-class", type=int, default=None,
                        help="draw this many images of every class instead of --n-clean")
     group.add_argument("--one-shot", action="store_true",
-                       help="one image per class plus 9 random-resized-crop views of each; "
-                            "AWM then starts from its one_shot preset unless --awm-preset "
-                            "says otherwise (official_one_shot: the official README's)")
+                       help="one image per class plus 9 random-resized-crop views of each "
+                            "(AWM settings for it: --awm-preset official_one_shot, or "
+                            "cifar10_one_shot on CIFAR-10)")
     group.add_argument("--augment-views", type=int, default=None,
                        help="views per image (one-shot: 9, else 0)")
     group.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0),
@@ -223,20 +223,11 @@ def _defense_settings(args, names: list[str]) -> dict[str, dict]:
     return changes
 
 
-def _one_shot_awm_default(args, runs_awm: bool) -> None:
-    """``--one-shot`` without ``--awm-preset`` starts AWM from the ``one_shot`` preset (its
-    ``--awm-*`` flags still change it); ``--awm-preset official_one_shot`` gives the official
-    README's one-shot setting."""
-    if runs_awm and args.one_shot and getattr(args, "awm_preset", None) is None:
-        args.awm_preset = "one_shot"
-
-
 def _purify(args) -> dict:
     from awm_jax.defenses import get_defense
     from awm_jax.pipeline import purify_checkpoint
 
     cls = get_defense(args.defense).config_class
-    _one_shot_awm_default(args, args.defense == "awm")
     _defense_settings(args, [args.defense])
     defense_config = config_from_flags(args, cls, defense_prefix(args.defense))
     return purify_checkpoint(args.checkpoint, dataset_source=args.dataset, defense=args.defense,
@@ -380,7 +371,6 @@ def _sweep(args) -> dict:
     from awm_jax.sweep.job import print_table, sweep_checkpoint
     from awm_jax.sweep.spec import config_class
 
-    _one_shot_awm_default(args, args.defense == "awm")
     _defense_settings(args, [args.defense])
     if args.defense != "awm" and (args.workdir or args.resume):
         raise ValueError(f"--workdir/--resume (checkpointing) is supported for AWM sweeps "
@@ -434,7 +424,6 @@ def _compare(args) -> int:
     from awm_jax.compare import compare_checkpoint, describe
 
     entries = [e.strip() for e in args.defenses.split(",") if e.strip()]
-    _one_shot_awm_default(args, "awm" in entries)
     changes = _defense_settings(args, [e.partition(":")[0] for e in entries])
     presets = {name: c.pop("preset") for name, c in changes.items() if "preset" in c}
     entries = [f"{e}:{presets[e]}" if e in presets else e for e in entries]

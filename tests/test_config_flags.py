@@ -62,23 +62,12 @@ def test_preset_flag_is_the_base_of_the_other_flags():
         _parse(["--ablation-preset", "nope"])
 
 
-@pytest.mark.parametrize("extra,expected", [
-    (["--one-shot"], AWMConfig.preset("one_shot", tau=50.0)),
-    (["--one-shot", "--awm-preset", "official_one_shot"],
-     AWMConfig.preset("official_one_shot", tau=50.0)),
-    ([], AWMConfig(tau=50.0)),
-])
-def test_one_shot_data_starts_awm_from_the_one_shot_preset(extra, expected):
-    from awm_jax import cli
 
-    args = cli._parser().parse_args(["purify", "--checkpoint", "c", "--out", "o",
-                                     "--awm-tau", "50", *extra])
-    cli._one_shot_awm_default(args, runs_awm=True)
-    assert config_from_flags(args, AWMConfig, "awm_") == expected
-    assert AWMConfig.preset("one_shot").mask_lr == 1e-3  # differs from the official 1e-2
-
-
-def test_awm_presets():
+def test_awm_presets_are_flags_and_bases():
+    args = _parse(["--awm-preset", "cifar10_one_shot", "--awm-tau", "50"])
+    assert config_from_flags(args, AWMConfig, "awm_") == AWMConfig(
+        batch_size=32, tau=50.0, alpha=0.99, mask_lr=1e-3)
+    assert defense_flags_set(args)["awm"] == {"preset": "cifar10_one_shot", "tau": 50.0}
     assert AWMConfig.preset("official") == AWMConfig()
     assert AWMConfig.preset("official_one_shot", alpha=0.5) == AWMConfig(
         batch_size=32, tau=100.0, alpha=0.5)
