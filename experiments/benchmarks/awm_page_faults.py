@@ -1,13 +1,14 @@
-"""Page faults and kernel time of AWM's mask step (ResNet-18 width 64, 500 images, batch 128).
+"""Page faults and kernel time of an AWM step (ResNet-18 width 64, 500 images, batch 128).
 
 Prints the compiled step's temporary-buffer size, then, for two calls after a warm-up, the wall
 seconds, minor page faults and user / system CPU seconds (``getrusage``) as JSON lines. Run it
 under ``GLIBC_TUNABLES=...`` or ``strace -f -e trace=mmap,munmap`` to see where the faults come
 from (perf_notes.md section 5).
 
-    .venv/bin/python experiments/benchmarks/awm_page_faults.py [--mask-chunks K]
+    .venv/bin/python experiments/benchmarks/awm_page_faults.py [--mask-chunks K] [--step trigger]
 
-``--mask-chunks`` sets ``AWMConfig.mask_chunks`` (the gradient over K chunks of the batch).
+``--mask-chunks`` sets ``AWMConfig.mask_chunks`` (the gradient over K chunks of the batch);
+``--step`` picks the mask step (default) or the trigger step.
 """
 
 import argparse
@@ -26,13 +27,15 @@ from performance import build_awm_case
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mask-chunks", type=int, default=1)
-    chunks = parser.parse_args().mask_chunks
+    parser.add_argument("--step", choices=("mask", "trigger"), default="mask")
+    options = parser.parse_args()
+    chunks = options.mask_chunks
     steps, _, hparams, frozen, data, state = build_awm_case("resnet18_full_500",
                                                             mask_chunks=chunks)
     args = (state, frozen, data, jax.random.key(1), hparams)
-    step = jax.jit(steps.mask_step)
+    step = jax.jit(steps.mask_step if options.step == "mask" else steps.trigger_step)
     compiled = step.lower(*args).compile()
-    print(json.dumps({"mask_chunks": chunks,
+    print(json.dumps({"step": options.step, "mask_chunks": chunks,
                       "temp_mb": compiled.memory_analysis().temp_size_in_bytes / 1e6,
                       "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}))
     jax.block_until_ready(step(*args))
