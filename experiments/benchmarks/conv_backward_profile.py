@@ -23,28 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from timing import time_interleaved
 
 from awm_jax.models import create_model, init_variables
-
-
-def _time_interleaved(fns: dict, reps: int) -> dict:
-    """Median seconds of each zero-argument function, calls interleaved round-robin."""
-    for fn in fns.values():
-        jax.block_until_ready(fn())
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def model_mode(batch: int, width: int, reps: int) -> dict:
@@ -64,7 +50,7 @@ def model_mode(batch: int, width: int, reps: int) -> dict:
     grad = jax.jit(jax.grad(loss, has_aux=True))
     bf16 = lambda tree: jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), tree)
     params16, images16 = bf16(variables["params"]), images.astype(jnp.bfloat16)
-    seconds = _time_interleaved({
+    seconds = time_interleaved({
         "forward_eval": lambda: forward(variables, images),
         "grad_train": lambda: grad(variables["params"], variables["batch_stats"], images),
         "grad_train_bf16": lambda: grad(params16, variables["batch_stats"], images16),
@@ -134,7 +120,7 @@ def _layer_row(shape: dict, batch: int, reps: int, rng) -> dict:
     scale = jnp.ones((cout,), jnp.float32)
     bn_fwd = jax.jit(bn)
     bn_bwd = jax.jit(lambda z, sc, g_: jax.vjp(bn, z, sc)[1](g_))
-    t = _time_interleaved({
+    t = time_interleaved({
         "fwd": lambda: fwd(x, w), "dx": lambda: dx(x, w, g), "dw": lambda: dw(x, w, g),
         "dw_im2col": lambda: dw_im2col(x, g),
         "fwd_nchw": lambda: fwd_c(xc, wc), "dx_nchw": lambda: dx_c(xc, wc, gc),
@@ -188,7 +174,7 @@ def scan_mode(steps: int, reps: int, hlo_dir: str | None) -> dict:
     a, b = python_loop(), scanned(variables["params"], images, labels)
     diff = max(float(jnp.abs(u - v).max()) for u, v in zip(jax.tree_util.tree_leaves(a),
                                                           jax.tree_util.tree_leaves(b)))
-    t = _time_interleaved({"python_loop": python_loop,
+    t = time_interleaved({"python_loop": python_loop,
                            "scan": lambda: scanned(variables["params"], images, labels)}, reps)
     if hlo_dir:
         os.makedirs(hlo_dir, exist_ok=True)

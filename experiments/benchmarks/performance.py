@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from timing import time_interleaved
 
 from awm_jax.data.dataset import Split
 from awm_jax.defenses.awm import AWMConfig, Frozen, make_awm_steps
@@ -243,15 +244,7 @@ def train_step_conv_impls(width: int, batch: int, reps: int, impls: list[str]) -
     key = jax.random.key(1)
     fns = {impl: (lambda s=step, st=state: s(st, batch_data, key)[1])
            for impl, (step, state) in runs.items()}
-    for fn in fns.values():
-        jax.block_until_ready(fn())
-    times = {impl: [] for impl in impls}
-    for _ in range(reps):
-        for impl, fn in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[impl].append(time.perf_counter() - start)
-    median = {impl: round(statistics.median(v), 3) for impl, v in times.items()}
+    median = {impl: round(t, 3) for impl, t in time_interleaved(fns, reps).items()}
     result = {"width": width, "batch": batch, "reps": reps, "step_seconds": median}
     if "lax" in median:
         result["lax_over"] = {impl: round(median["lax"] / v, 2) for impl, v in median.items()}

@@ -17,11 +17,10 @@ Prints the relative error of each weight gradient against lax's, then the timing
 """
 
 import json
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+from timing import time_interleaved
 
 B, H, C, C_OUT = 256, 16, 128, 128
 
@@ -52,13 +51,7 @@ def lax_weight_grad(x, g):
 
 
 def _median_ms(fns: dict, reps: int = 5) -> dict:
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - start)
-    return {name: round(float(np.median(v)) * 1e3, 1) for name, v in times.items()}
+    return {name: round(seconds * 1e3, 1) for name, seconds in time_interleaved(fns, reps).items()}
 
 
 def main() -> None:

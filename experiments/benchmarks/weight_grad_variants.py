@@ -14,7 +14,8 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conv_backward_profile import _conv, _time_interleaved
+from conv_backward_profile import _conv
+from timing import time_interleaved
 
 SHAPES = ((32, 16, 16), (32, 3, 16), (16, 32, 32), (8, 64, 64), (32, 64, 64), (16, 128, 128))
 
@@ -55,7 +56,7 @@ def main() -> None:
                   for name, fn in variants.items()}
         fns = {"lax_dw": lambda x=x, w=w, g=g, f=lax_dw: f(x, w, g),
                **{name: (lambda x=x, g=g, f=fn: f(x, g)) for name, fn in variants.items()}}
-        seconds = _time_interleaved(fns, args.reps)
+        seconds = time_interleaved(fns, args.reps)
         print(json.dumps({"batch": args.batch, "h": h, "cin": cin, "cout": cout, "k": k,
                           "ms": {n: round(v * 1e3, 2) for n, v in seconds.items()},
                           "rel_err": errors}), flush=True)
