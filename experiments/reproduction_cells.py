@@ -20,6 +20,7 @@ from typing import Any
 import reproduction_report as report
 from configs.reproduction import Budget, FigureConfig, TableConfig
 
+from awm_jax.defenses.awm import AWMConfig
 from awm_jax.serialization import (
     json_default,
     library_versions,
@@ -28,6 +29,9 @@ from awm_jax.serialization import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Config fields that change speed and memory, not results: a row made with other values of
+# these is still current.
+SPEED_FIELDS = frozenset(AWMConfig.SPEED_FIELDS)
 TrainFn = Callable[[str, list[str], str, Path, Path], None]
 
 
@@ -90,7 +94,8 @@ def to_run(cell: dict[str, Any] | None, wanted: dict[str, Any], clean: dict[str,
       retry_errors: rerun defenses whose row recorded an error.
 
     Returns:
-      ``(labels, void)``: ``void`` when the cell exists but was made from other clean data or
+      ``(labels, void)``: a row is current when its config equals the wanted one but for
+      :data:`SPEED_FIELDS`; ``void`` when the cell exists but was made from other clean data or
       another model, so none of its rows count.
     """
     if cell is None:
@@ -99,8 +104,16 @@ def to_run(cell: dict[str, Any] | None, wanted: dict[str, Any], clean: dict[str,
         return list(wanted), True
     rows = {row["label"]: row for row in cell["rows"]}
     return [label for label, config in wanted.items()
-            if label not in rows or rows[label].get("config") != config
+            if label not in rows or not _same_results(rows[label].get("config"), config)
             or (retry_errors and rows[label].get("error"))], False
+
+
+def _same_results(old: dict[str, Any] | None, new: dict[str, Any]) -> bool:
+    """Whether two defense configs give the same results: equal but for :data:`SPEED_FIELDS`."""
+    if old is None:
+        return False
+    strip = lambda config: {k: v for k, v in config.items() if k not in SPEED_FIELDS}
+    return strip(old) == strip(new)
 
 
 def budget_overrides(overrides: dict[str, dict[str, Any]], budget: Budget,

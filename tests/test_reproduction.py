@@ -104,6 +104,11 @@ def test_cells_rerun_only_what_changed():
     assert reproduction_cells.to_run(cell, wanted, {"n_clean": 100}, "m", False) == (
         ["ft", "awm"], True)
     assert reproduction_cells.to_run(cell, wanted, {"n_clean": 50}, "new", False)[1]
+    # Speed-only fields (and their absence from older rows) do not make a row stale.
+    cell["rows"][2]["config"] = {"tau": 10.0, "mask_chunks": 1}
+    assert reproduction_cells.to_run(cell, {"awm": {"tau": 10.0, "mask_chunks": "auto",
+                                                    "loop": "scan"}},
+                                     {"n_clean": 50}, "m", False) == ([], False)
     cell["rows"][1]["error"] = "ValueError: x"
     assert reproduction_cells.to_run(cell, {"ft": {"epochs": 1}}, {"n_clean": 50}, "m",
                                      True) == (["ft"], False)

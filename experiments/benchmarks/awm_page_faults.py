@@ -5,9 +5,10 @@ seconds, minor page faults and user / system CPU seconds (``getrusage``) as JSON
 under ``GLIBC_TUNABLES=...`` or ``strace -f -e trace=mmap,munmap`` to see where the faults come
 from (perf_notes.md section 5).
 
-    .venv/bin/python experiments/benchmarks/awm_page_faults.py [--mask-chunks K] [--step trigger]
+    .venv/bin/python experiments/benchmarks/awm_page_faults.py [--mask-chunks auto|K] [--step trigger]
 
-``--mask-chunks`` sets ``AWMConfig.mask_chunks`` (the gradient over K chunks of the batch);
+``--mask-chunks`` sets ``AWMConfig.mask_chunks`` (the gradient over K chunks of the batch;
+default ``auto``, the library's rule);
 ``--step`` picks the mask step (default) or the trigger step.
 """
 
@@ -21,12 +22,12 @@ import time
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from performance import build_awm_case
+from performance import build_awm_case, mask_chunks_flag
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mask-chunks", type=int, default=1)
+    parser.add_argument("--mask-chunks", type=mask_chunks_flag, default="auto")
     parser.add_argument("--step", choices=("mask", "trigger"), default="mask")
     options = parser.parse_args()
     chunks = options.mask_chunks
@@ -36,6 +37,7 @@ def main() -> None:
     step = jax.jit(steps.mask_step if options.step == "mask" else steps.trigger_step)
     compiled = step.lower(*args).compile()
     print(json.dumps({"step": options.step, "mask_chunks": chunks,
+                      "mask_chunks_used": steps.mask_chunks_for(state, frozen, data, hparams),
                       "temp_mb": compiled.memory_analysis().temp_size_in_bytes / 1e6,
                       "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}))
     jax.block_until_ready(step(*args))

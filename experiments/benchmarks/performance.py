@@ -58,6 +58,11 @@ AWM_CASES = {
 }
 
 
+def mask_chunks_flag(text: str) -> int | str:
+    """``--mask-chunks``: ``auto`` or a positive integer."""
+    return text if text == "auto" else int(text)
+
+
 def _time(fn, *args, repeats: int = 5) -> float:
     """Median seconds of ``fn(*args)`` after one warm-up call."""
     jax.block_until_ready(fn(*args))
@@ -120,7 +125,8 @@ class AWMCase(NamedTuple):
     state: Any
 
 
-def build_awm_case(case: str, conv_impl: str = "fast", mask_chunks: int = 1) -> AWMCase:
+def build_awm_case(case: str, conv_impl: str = "fast",
+                   mask_chunks: int | str = "auto") -> AWMCase:
     """Random weights and images for ``case``; ``conv_impl`` goes in the config, which
     ``make_awm_steps`` applies to the model, and so does ``mask_chunks``."""
     name, kwargs, count, batch = AWM_CASES[case]
@@ -135,7 +141,8 @@ def build_awm_case(case: str, conv_impl: str = "fast", mask_chunks: int = 1) -> 
     return AWMCase(steps, config, hparams, frozen, data, steps.init(frozen.params, data, hparams))
 
 
-def awm_epoch(case: str, epochs: int, matmul_gflops: float, mask_chunks: int = 1) -> dict:
+def awm_epoch(case: str, epochs: int, matmul_gflops: float,
+              mask_chunks: int | str = "auto") -> dict:
     """Seconds per AWM outer epoch of ``case`` with the official defaults (and ``mask_chunks``,
     which changes memory and speed, not results), and what it achieves."""
     name, kwargs, count, batch = AWM_CASES[case]
@@ -162,6 +169,7 @@ def awm_epoch(case: str, epochs: int, matmul_gflops: float, mask_chunks: int = 1
     result = {
         "model": name, "model_kwargs": kwargs, "n_clean": count, "batch_size": batch,
         "steps_per_phase": steps_per_phase, "mask_chunks": mask_chunks,
+        "mask_chunks_used": steps.mask_chunks_for(state, frozen, data, hparams),
         "epoch_seconds": round(epoch_seconds, 3),
         "first_epoch_seconds": round(seconds[0], 3),
         "compile_seconds": round(compile_seconds, 2),
@@ -307,8 +315,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(AWM_CASES))
     parser.add_argument("--epochs", type=int, default=2, help="timed AWM epochs per case")
-    parser.add_argument("--mask-chunks", type=int, default=1,
-                        help="awm_epoch: AWMConfig.mask_chunks (the mask gradient in chunks)")
+    parser.add_argument("--mask-chunks", type=mask_chunks_flag, default="auto",
+                        help="awm_epoch: AWMConfig.mask_chunks, 'auto' or K (the mask gradient "
+                             "in K chunks) [default: auto]")
     parser.add_argument("--members", default="1,2,4,8,16")
     parser.add_argument("--sweep-epochs", type=int, default=3)
     parser.add_argument("--skip", default="",

@@ -181,7 +181,8 @@ def test_mask_selection_returns_a_scored_epoch(setup):
     ("tau", 0.0, "tau must be a finite number > 0"), ("trigger_lr", float("inf"), "trigger_lr"),
     ("gamma", float("nan"), "gamma must be in"), ("outer_epochs", 0, "outer_epochs must be >= 1"),
     ("inner_labels", "guess", "inner_labels must be one of"), ("lr_decay", 0.0, "lr_decay"),
-    ("mask_chunks", 0, "mask_chunks must be >= 1"),
+    ("mask_chunks", 0, "mask_chunks must be .auto. or an integer >= 1"),
+    ("mask_chunks", "many", "mask_chunks must be .auto. or an integer >= 1"),
 ])
 def test_config_rejects_nonsense(field, value, match):
     with pytest.raises(ValueError, match=match):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import NamedTuple
 
 import jax.numpy as jnp
@@ -109,7 +110,10 @@ class AWMConfig:
         after another, and adds them up (capped at the batch size; not in the official code).
         Same result up to float32 summation order; the step's temporary memory shrinks about
         ``mask_chunks``-fold, which on CPU also saves the page faults of allocating it afresh
-        on every call (perf_notes.md section 5).
+        on every call (perf_notes.md section 5). ``"auto"`` (the default) picks the fewest
+        chunks whose estimated buffer fits 1.5 GB on CPU or a quarter of an accelerator's
+        memory (:mod:`awm_jax.defenses.awm.chunking`): 4 for ResNet-18 width 64 at batch
+        128 on CPU (an epoch in 205.9 s instead of 287.9 s whole), 1 for the small models.
     """
 
     PRESETS = tuple(_PRESETS)
@@ -135,7 +139,7 @@ class AWMConfig:
     mask_selection: str = "last"
     loop: str = "python"
     conv_impl: str = "fast"
-    mask_chunks: int = 1
+    mask_chunks: int | str = "auto"
 
     def __post_init__(self):
         _check_range("alpha", self.alpha, 0.0, 1.0)
@@ -148,9 +152,10 @@ class AWMConfig:
         _check_positive("shrink_lr", self.shrink_lr)
         if not 0.0 < self.lr_decay <= 1.0:
             raise ValueError(f"lr_decay must be in (0, 1]; got {self.lr_decay}.")
-        for name in ("outer_epochs", "inner_passes", "batch_size", "mask_chunks"):
+        for name in ("outer_epochs", "inner_passes", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}.")
+        object.__setattr__(self, "mask_chunks", _parse_chunks(self.mask_chunks))
         if self.shrink_epochs < 0:
             raise ValueError(f"shrink_epochs must be >= 0; got {self.shrink_epochs}.")
         for name, allowed in (("inner_labels", INNER_LABELS),
@@ -160,6 +165,10 @@ class AWMConfig:
                               ("conv_impl", CONV_IMPLS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}; got {getattr(self, name)!r}.")
+
+    # Fields that change speed and memory, not results (beyond float32 rounding): results
+    # made with other values of these are still current (experiments/reproduction_cells.py).
+    SPEED_FIELDS = ("loop", "conv_impl", "mask_chunks")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "AWMConfig":
@@ -195,6 +204,17 @@ class AWMConfig:
             raise ValueError(f"unknown AWM config keys {unknown}; known: {sorted(known)}.")
         return cls(**values)
 
+
+
+def _parse_chunks(value: int | str) -> int | str:
+    """``"auto"`` or an int >= 1 (also from command-line or JSON text such as ``"4"``)."""
+    if value == "auto":
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"mask_chunks must be 'auto' or an integer >= 1; got {value!r}.")
+    return int(value)
 
 
 def official_one_shot(**overrides) -> AWMConfig:

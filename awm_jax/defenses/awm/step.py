@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from awm_jax.defenses.awm.chunking import chunk_budget_bytes, choose_chunks, estimate_buffer_bytes
 from awm_jax.defenses.awm.config import AWMConfig, AWMHparams
 from awm_jax.defenses.awm.mask import apply_mask, clip_mask, create_mask, mask_l1
 from awm_jax.defenses.awm.trigger import l1_rescale, project_l1_ball
@@ -79,6 +80,8 @@ class AWMSteps(NamedTuple):
     epoch_step: Callable[..., tuple[AWMState, Metrics]]
     shrink_init: Callable
     shrink_step: Callable
+    mask_buffer_bytes: Callable[..., int]
+    mask_chunks_for: Callable[..., int]
     batch_size: int
     steps_per_phase: int
 
@@ -120,9 +123,6 @@ def make_awm_steps(model: nn.Module, config: AWMConfig, num_clean: int) -> AWMSt
         model = with_conv_impl(model, config.conv_impl)
     batch_size = min(config.batch_size, num_clean)
     steps_per_phase = max(1, num_clean // batch_size) * config.inner_passes
-    chunks = min(config.mask_chunks, batch_size)
-    chunk_bounds = [(batch_size * i // chunks, batch_size * (i + 1) // chunks)
-                    for i in range(chunks)]
     tx = _mask_optimizer(config)
     shrink_tx = optax.adam(config.shrink_lr)
 
@@ -200,14 +200,46 @@ def make_awm_steps(model: nn.Module, config: AWMConfig, num_clean: int) -> AWMSt
                    "triggered_acc": jnp.mean(triggered_logits.argmax(-1) == labels)}
         return weight * loss, {name: weight * value for name, value in metrics.items()}
 
+    def whole_gradient(mask, frozen: Frozen, images, labels, trigger, hparams: AWMHparams):
+        return jax.grad(outer_objective, has_aux=True)(mask, frozen, images, labels, trigger,
+                                                       hparams)
+
+    def chunk_count(mask, frozen: Frozen, images, labels, trigger, hparams: AWMHparams) -> int:
+        """``config.mask_chunks``, or for ``"auto"`` the count :mod:`.chunking` picks from
+        these arguments' shapes (per member under ``vmap``)."""
+        if config.mask_chunks != "auto":
+            return min(config.mask_chunks, batch_size)
+        buffer_bytes = estimate_buffer_bytes(whole_gradient, mask, frozen, images, labels,
+                                             trigger, hparams)
+        return choose_chunks(buffer_bytes, batch_size, chunk_budget_bytes())
+
+    def abstract_batch(state: AWMState, frozen: Frozen, data: Batch, hparams: AWMHparams):
+        images = jax.ShapeDtypeStruct((batch_size, *data["image"].shape[1:]),
+                                      data["image"].dtype)
+        labels = jax.ShapeDtypeStruct((batch_size,), data["label"].dtype)
+        return state.mask, frozen, images, labels, state.trigger, hparams
+
+    def mask_buffer_bytes(state: AWMState, frozen: Frozen, data: Batch,
+                          hparams: AWMHparams) -> int:
+        """The estimated temporary memory of the whole-batch mask gradient
+        (:func:`.chunking.estimate_buffer_bytes`; shapes only, nothing is computed)."""
+        return estimate_buffer_bytes(whole_gradient, *abstract_batch(state, frozen, data,
+                                                                     hparams))
+
+    def mask_chunks_for(state: AWMState, frozen: Frozen, data: Batch,
+                        hparams: AWMHparams) -> int:
+        """The number of chunks ``mask_step`` splits its batch into for these inputs."""
+        return chunk_count(*abstract_batch(state, frozen, data, hparams))
+
     def mask_gradient(mask, frozen: Frozen, images, labels, trigger, hparams: AWMHparams):
         """The outer loss's mask gradient over the batch, accumulated over
         ``config.mask_chunks`` chunks computed one after another."""
-        if len(chunk_bounds) == 1:
-            return jax.grad(outer_objective, has_aux=True)(
-                mask, frozen, images, labels, trigger, hparams)
+        chunks = chunk_count(mask, frozen, images, labels, trigger, hparams)
+        if chunks == 1:
+            return whole_gradient(mask, frozen, images, labels, trigger, hparams)
         grads = metrics = None
-        for start, stop in chunk_bounds:
+        for index in range(chunks):
+            start, stop = batch_size * index // chunks, batch_size * (index + 1) // chunks
             chunk = images[start:stop]
             if grads is not None:
                 # The next chunk's forward waits for this chunk's backward, so XLA can give
@@ -303,7 +335,9 @@ def make_awm_steps(model: nn.Module, config: AWMConfig, num_clean: int) -> AWMSt
                     end_trigger_phase=end_trigger_phase, selection_score=selection_score,
                     mask_step=mask_step, end_epoch=end_epoch, trigger_phase=trigger_phase,
                     mask_phase=mask_phase, epoch_step=epoch_step, shrink_init=shrink_tx.init,
-                    shrink_step=shrink_step, batch_size=batch_size,
+                    shrink_step=shrink_step, mask_buffer_bytes=mask_buffer_bytes,
+                    mask_chunks_for=mask_chunks_for,
+                    batch_size=batch_size,
                     steps_per_phase=steps_per_phase)
 
 
