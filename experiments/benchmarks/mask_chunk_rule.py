@@ -34,8 +34,8 @@ CASES = {
 
 
 def measure(case: str, compile_whole: bool) -> dict:
-    AWM_CASES.setdefault(case, CASES[case])
-    steps, _, hparams, frozen, data, state = build_awm_case(case, mask_chunks="auto")
+    steps, _, hparams, frozen, data, state = build_awm_case(case, mask_chunks="auto",
+                                                            spec=CASES[case])
     start = time.perf_counter()
     chunks = steps.mask_chunks_for(state, frozen, data, hparams)
     seconds = time.perf_counter() - start
@@ -45,7 +45,7 @@ def measure(case: str, compile_whole: bool) -> dict:
            "batch_size": batch, "estimate_mb": round(estimate / 1e6, 1), "chunks": chunks,
            "estimate_seconds": round(seconds, 2)}
     if compile_whole:
-        whole = build_awm_case(case, mask_chunks=1)
+        whole = build_awm_case(case, mask_chunks=1, spec=CASES[case])
         args = (whole.state, whole.frozen, whole.data, jax.random.key(1), whole.hparams)
         compiled = jax.jit(whole.steps.mask_step).lower(*args).compile()
         temp = compiled.memory_analysis().temp_size_in_bytes

@@ -125,11 +125,12 @@ class AWMCase(NamedTuple):
     state: Any
 
 
-def build_awm_case(case: str, conv_impl: str = "fast",
-                   mask_chunks: int | str = "auto") -> AWMCase:
-    """Random weights and images for ``case``; ``conv_impl`` goes in the config, which
+def build_awm_case(case: str, conv_impl: str = "fast", mask_chunks: int | str = "auto",
+                   spec: tuple | None = None) -> AWMCase:
+    """Random weights and images for ``case`` (or for ``spec``, a ``(model, kwargs, n clean,
+    batch)`` tuple like ``AWM_CASES``' values); ``conv_impl`` goes in the config, which
     ``make_awm_steps`` applies to the model, and so does ``mask_chunks``."""
-    name, kwargs, count, batch = AWM_CASES[case]
+    name, kwargs, count, batch = spec or AWM_CASES[case]
     model = create_model(name, 10, **kwargs)
     variables = init_variables(model, jax.random.key(0), (32, 32, 3))
     clean = _clean(count)
