@@ -1,8 +1,9 @@
 """Several defenses on the same backdoored model and the same clean images, side by side.
 
 :func:`compare_defenses` draws the defender's clean images once (the same draw, trigger set and
-defense key as :func:`awm_jax.pipeline.purify_model` with the same seed, so a row equals that
-defense's ``purify`` report), runs every requested defense from the ``DEFENSES`` registry on
+defense key as :func:`awm_jax.pipeline.purify_model` with the same seed: both call
+:func:`awm_jax.pipeline.draw_for_defense`, so a row equals that defense's ``purify`` report),
+runs every requested defense from the ``DEFENSES`` registry on
 them, and evaluates each (ACC, ASR on non-target images, ASR over all images, RA, seconds).
 A defense that raises is recorded with its error and the others still run. The host writes
 ``compare.json``, ``compare.md`` and an ASR-vs-ACC scatter plot ``compare.png``.
@@ -15,7 +16,6 @@ named presets, e.g. ``ablation:weight_mask`` (a row of the paper's Table 4), so
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import time
@@ -24,16 +24,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import jax
-
-from awm_jax.attacks.base import Attack, create_attack, triggered_test_set
+from awm_jax.attacks.base import Attack, create_attack
 from awm_jax.checkpoint import load_model
-from awm_jax.data.clean_subset import CleanDataConfig, draw_clean_subset
+from awm_jax.data.clean_subset import CleanDataConfig
 from awm_jax.data.dataset import ImageDataset
 from awm_jax.data.sources import load_dataset
 from awm_jax.defenses import DEFENSES, get_defense
-from awm_jax.eval.metrics import evaluate_backdoor, make_predict_fn
 from awm_jax.eval.report import METRIC_NAMES
+from awm_jax.pipeline import draw_for_defense
 from awm_jax.plotting import save_figure
 from awm_jax.serialization import library_versions, write_json_atomic
 
@@ -135,12 +133,8 @@ def compare_defenses(model, variables, dataset: ImageDataset, attack: Attack,
     specs = resolve_defenses(defenses, overrides)
     if resume and workdir is None:
         raise ValueError("resume=True needs a workdir to resume from; got workdir=None.")
-    clean_key, trigger_key, defense_key = jax.random.split(jax.random.key(seed), 3)
-    clean_split, eval_split = draw_clean_subset(dataset.test, dataset.num_classes, clean_key,
-                                                clean)
-    triggered = triggered_test_set(eval_split, attack, trigger_key)
-    predict = make_predict_fn(model)
-    evaluate = lambda v: evaluate_backdoor(functools.partial(predict, v), eval_split, triggered)
+    clean_split, eval_split, evaluate, defense_key = draw_for_defense(model, dataset, attack,
+                                                                      clean, seed)
     rows = [{"label": NONE_LABEL, "defense": NONE_LABEL, "config": None,
              **evaluate(variables), "seconds": 0.0, "error": None}]
     for spec in specs:

@@ -11,15 +11,16 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
 from awm_jax.attacks.base import Attack, create_attack, triggered_test_set
 from awm_jax.checkpoint import load_model, save_model
 from awm_jax.data.clean_subset import CleanDataConfig, draw_clean_subset
-from awm_jax.data.dataset import ImageDataset
+from awm_jax.data.dataset import ImageDataset, Split
 from awm_jax.data.sources import load_dataset
 from awm_jax.defenses.base import get_defense
 from awm_jax.eval.metrics import evaluate_backdoor, make_predict_fn
@@ -28,6 +29,32 @@ from awm_jax.models import check_images_fit
 
 REPORT_NAME = "report.json"
 PLOT_NAME = "history.png"
+
+
+class DefenderDraw(NamedTuple):
+    """What one seed gives a defense run: the defender's images, the evaluation set made of
+    the rest of the test split, an evaluator on it, and the defense's key."""
+
+    clean: Split
+    evaluation: Split
+    evaluate: Callable[[Any], dict[str, float]]  # variables -> ACC, ASR, ASR (all), RA
+    defense_key: jax.Array
+
+
+def draw_for_defense(model, dataset: ImageDataset, attack: Attack, clean: CleanDataConfig,
+                     seed: int) -> DefenderDraw:
+    """Splits ``jax.random.key(seed)`` into the clean draw, the triggered evaluation set and
+    the defense's key (the module docstring's three keys), as every job here does."""
+    clean_key, trigger_key, defense_key = jax.random.split(jax.random.key(seed), 3)
+    clean_split, eval_split = draw_clean_subset(dataset.test, dataset.num_classes, clean_key,
+                                                clean)
+    triggered = triggered_test_set(eval_split, attack, trigger_key)
+    predict = make_predict_fn(model)
+
+    def evaluate(candidate):
+        return evaluate_backdoor(functools.partial(predict, candidate), eval_split, triggered)
+
+    return DefenderDraw(clean_split, eval_split, evaluate, defense_key)
 
 
 def purify_model(model, variables, dataset: ImageDataset, attack: Attack, *,
@@ -69,15 +96,8 @@ def purify_model(model, variables, dataset: ImageDataset, attack: Attack, *,
     check_images_fit(model, variables, dataset.image_shape, f"{dataset.name} images")
     chosen = get_defense(defense)
     config = defense_config if defense_config is not None else chosen.config_class()
-    clean_key, trigger_key, defense_key = jax.random.split(jax.random.key(seed), 3)
-    clean_split, eval_split = draw_clean_subset(dataset.test, dataset.num_classes, clean_key,
-                                                clean)
-    triggered = triggered_test_set(eval_split, attack, trigger_key)
-    predict = make_predict_fn(model)
-
-    def evaluate(candidate):
-        return evaluate_backdoor(functools.partial(predict, candidate), eval_split, triggered)
-
+    clean_split, eval_split, evaluate, defense_key = draw_for_defense(model, dataset, attack,
+                                                                      clean, seed)
     before = evaluate(variables)
     result = chosen.purify(model, variables, clean_split, defense_key, config,
                            num_classes=dataset.num_classes,

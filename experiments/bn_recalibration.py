@@ -12,7 +12,6 @@ running statistics by the statistics of the 100 clean images (a train-mode forwa
 """
 
 import argparse
-import functools
 import json
 import sys
 import time
@@ -20,12 +19,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-from awm_jax.attacks.base import triggered_test_set
 from awm_jax.compare import load_backdoored
-from awm_jax.data.clean_subset import clean_data_config, draw_clean_subset
+from awm_jax.data.clean_subset import clean_data_config
 from awm_jax.defenses.awm import AWMConfig, run_awm
-from awm_jax.eval.metrics import evaluate_backdoor, make_predict_fn
 from awm_jax.models.base import apply_model
+from awm_jax.pipeline import draw_for_defense
 from awm_jax.serialization import library_versions, write_json_atomic
 
 
@@ -56,13 +54,9 @@ def main() -> None:
     changes = {k: json.loads(v) for k, v in (item.split("=", 1) for item in options.set)}
     model, variables, dataset, attack, _ = load_backdoored(
         f"runs/zoo/{options.dataset}/{options.attack}")
-    clean_key, trigger_key, defense_key = jax.random.split(jax.random.key(options.seed), 3)
-    clean, evaluation = draw_clean_subset(
-        dataset.test, dataset.num_classes, clean_key,
-        clean_data_config(one_shot=True, crop_scale=(0.5, 1.0)))
-    triggered = triggered_test_set(evaluation, attack, trigger_key)
-    predict = make_predict_fn(model)
-    evaluate = lambda v: evaluate_backdoor(functools.partial(predict, v), evaluation, triggered)
+    clean, evaluation, evaluate, defense_key = draw_for_defense(
+        model, dataset, attack, clean_data_config(one_shot=True, crop_scale=(0.5, 1.0)),
+        options.seed)
     config = AWMConfig.preset("cifar10_one_shot", **changes)
     start = time.perf_counter()
     purified = run_awm(model, variables, clean, config, defense_key,

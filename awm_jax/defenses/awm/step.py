@@ -31,7 +31,11 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from awm_jax.defenses.awm.chunking import chunk_budget_bytes, choose_chunks, estimate_buffer_bytes
+from awm_jax.defenses.awm.chunking import (
+    choose_chunks,
+    chunk_budget_bytes,
+    estimate_buffer_bytes,
+)
 from awm_jax.defenses.awm.config import AWMConfig, AWMHparams
 from awm_jax.defenses.awm.mask import apply_mask, clip_mask, create_mask, mask_l1
 from awm_jax.defenses.awm.trigger import l1_rescale, project_l1_ball
@@ -200,16 +204,17 @@ def make_awm_steps(model: nn.Module, config: AWMConfig, num_clean: int) -> AWMSt
                    "triggered_acc": jnp.mean(triggered_logits.argmax(-1) == labels)}
         return weight * loss, {name: weight * value for name, value in metrics.items()}
 
-    def whole_gradient(mask, frozen: Frozen, images, labels, trigger, hparams: AWMHparams):
+    def gradient(mask, frozen: Frozen, images, labels, trigger, hparams: AWMHparams,
+                 weight: float = 1.0):
         return jax.grad(outer_objective, has_aux=True)(mask, frozen, images, labels, trigger,
-                                                       hparams)
+                                                       hparams, weight)
 
     def chunk_count(mask, frozen: Frozen, images, labels, trigger, hparams: AWMHparams) -> int:
         """``config.mask_chunks``, or for ``"auto"`` the count :mod:`.chunking` picks from
         these arguments' shapes (per member under ``vmap``)."""
         if config.mask_chunks != "auto":
             return min(config.mask_chunks, batch_size)
-        buffer_bytes = estimate_buffer_bytes(whole_gradient, mask, frozen, images, labels,
+        buffer_bytes = estimate_buffer_bytes(gradient, mask, frozen, images, labels,
                                              trigger, hparams)
         return choose_chunks(buffer_bytes, batch_size, chunk_budget_bytes())
 
@@ -223,7 +228,7 @@ def make_awm_steps(model: nn.Module, config: AWMConfig, num_clean: int) -> AWMSt
                           hparams: AWMHparams) -> int:
         """The estimated temporary memory of the whole-batch mask gradient
         (:func:`.chunking.estimate_buffer_bytes`; shapes only, nothing is computed)."""
-        return estimate_buffer_bytes(whole_gradient, *abstract_batch(state, frozen, data,
+        return estimate_buffer_bytes(gradient, *abstract_batch(state, frozen, data,
                                                                      hparams))
 
     def mask_chunks_for(state: AWMState, frozen: Frozen, data: Batch,
@@ -236,7 +241,7 @@ def make_awm_steps(model: nn.Module, config: AWMConfig, num_clean: int) -> AWMSt
         ``config.mask_chunks`` chunks computed one after another."""
         chunks = chunk_count(mask, frozen, images, labels, trigger, hparams)
         if chunks == 1:
-            return whole_gradient(mask, frozen, images, labels, trigger, hparams)
+            return gradient(mask, frozen, images, labels, trigger, hparams)
         grads = metrics = None
         for index in range(chunks):
             start, stop = batch_size * index // chunks, batch_size * (index + 1) // chunks
@@ -245,9 +250,8 @@ def make_awm_steps(model: nn.Module, config: AWMConfig, num_clean: int) -> AWMSt
                 # The next chunk's forward waits for this chunk's backward, so XLA can give
                 # both the same temporary buffer instead of running them side by side.
                 grads, metrics, chunk = jax.lax.optimization_barrier((grads, metrics, chunk))
-            chunk_grads, chunk_metrics = jax.grad(outer_objective, has_aux=True)(
-                mask, frozen, chunk, labels[start:stop], trigger, hparams,
-                (stop - start) / batch_size)
+            chunk_grads, chunk_metrics = gradient(mask, frozen, chunk, labels[start:stop],
+                                                  trigger, hparams, (stop - start) / batch_size)
             if grads is None:
                 grads, metrics = chunk_grads, chunk_metrics
             else:
