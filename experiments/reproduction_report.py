@@ -217,6 +217,8 @@ def plot_figure(points: Mapping[str, Sequence[Mapping[str, Any]]], defaults: Map
             positive = [v for v in x if v > 0]
             if len(positive) < len(x) and positive:
                 axis.set_xscale("symlog", linthresh=min(positive))
+                if min(x) == 0:  # no empty negative half on a non-negative axis
+                    axis.set_xlim(-0.3 * min(positive), 2 * max(positive))
             elif positive:
                 axis.set_xscale("log")
         if hparam in defaults and min(x) <= defaults[hparam] <= max(x):

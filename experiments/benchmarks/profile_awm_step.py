@@ -132,18 +132,25 @@ def main() -> None:
     parser.add_argument("--case", default="resnet18_full_500", choices=sorted(AWM_CASES))
     parser.add_argument("--conv-impl", default="fast")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--mask-chunks", default="auto",
+                        help="AWMConfig.mask_chunks: auto or an integer [default: auto]")
     parser.add_argument("--out")
     args = parser.parse_args()
     batch = AWM_CASES[args.case][3]
-    steps, _, hparams, frozen, data, state = build_awm_case(args.case, args.conv_impl)
+    mask_chunks = args.mask_chunks if args.mask_chunks == "auto" else int(args.mask_chunks)
+    steps, _, hparams, frozen, data, state = build_awm_case(args.case, args.conv_impl,
+                                                            mask_chunks=mask_chunks)
     state = jax.jit(steps.begin_epoch)(state, frozen, data, hparams)
     key = jax.random.key(1)
+    chunks = steps.mask_chunks_for(state, frozen, data, hparams)
     result = {"case": args.case, "conv_impl": args.conv_impl, "steps": args.steps,
+              "mask_chunks_used": chunks,
               "load_average": os.getloadavg(), "versions": library_versions(),
               "command": "python " + " ".join(sys.argv)}
-    # The mask step runs the clean and the triggered batch as one batch of 2 * batch.
+    # The mask step runs the clean and the triggered batch as one batch of 2 * batch, split
+    # into ``chunks`` forward/backward passes.
     for label, fn, rows in (("trigger_step", steps.trigger_step, batch),
-                            ("mask_step", steps.mask_step, 2 * batch)):
+                            ("mask_step", steps.mask_step, 2 * batch // chunks)):
         result[label] = profile_step(jax.jit(fn), (state, frozen, data, key, hparams),
                                      args.steps, rows)
         print(json.dumps({label: result[label]}), flush=True)
