@@ -7,6 +7,10 @@ Times, interleaved (median of 5, milliseconds), for ``x: [256, 16, 16, 128]`` an
   times ``g`` (what :mod:`awm_jax.perf.fast_conv` computes), jitted as one function;
 * ``rows``: each tap as a contiguous row range of the flattened padded grid, ``g`` padded onto
   the same grid (no strided copy, (H+2)^2/H^2 more FLOPs);
+* ``hflat``: the input padded in rows only and flattened, so every tap is a contiguous row
+  range; the row-end taps zero ``g`` where a shift would wrap into the next row ((H+2)/H more
+  FLOPs);
+* ``einsum``: each tap's 4-D window contracted with ``g`` by ``einsum``, XLA choosing the form;
 * ``lax``: ``jax.vjp`` of ``lax.conv_general_dilated`` with respect to the kernel;
 * ``slices9`` / ``dots9``: the nine copies alone and the nine dots alone on pre-made copies;
   ``slice1``: one copy.
@@ -43,6 +47,25 @@ def taps_rows(x, g):
                       for i in range(3) for j in range(3)])
 
 
+def taps_hflat(x, g):
+    width = H
+    xh = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0))).reshape(-1, C)
+    xh = jnp.pad(xh, ((1, 1), (0, 0)))  # so the first and last shifted ranges stay in bounds
+    gh = jnp.pad(g, ((0, 0), (0, 2), (0, 0), (0, 0)))  # zero rows: shifts past an image add 0
+    column = jnp.arange(width)[None, None, :, None]
+    g_for_column = {0: gh * (column != 0), 1: gh, 2: gh * (column != width - 1)}
+    rows = B * (H + 2) * width - 2 * width
+    return jnp.stack([xh[1 + i * width + j - 1:1 + i * width + j - 1 + rows].T
+                      @ g_for_column[j].reshape(-1, C_OUT)[:rows]
+                      for i in range(3) for j in range(3)])
+
+
+def taps_einsum(x, g):
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return jnp.stack([jnp.einsum("bhwc,bhwd->cd", xp[:, i:i + H, j:j + H, :], g)
+                      for i in range(3) for j in range(3)])
+
+
 def lax_weight_grad(x, g):
     def conv(w):
         return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
@@ -58,7 +81,8 @@ def main() -> None:
     x = jax.random.normal(jax.random.key(0), (B, H, H, C))
     g = jax.random.normal(jax.random.key(1), (B, H, H, C_OUT))
     variants = {name: jax.jit(fn) for name, fn in
-                (("slice", taps_slice), ("rows", taps_rows), ("lax", lax_weight_grad))}
+                (("slice", taps_slice), ("rows", taps_rows), ("hflat", taps_hflat),
+                 ("einsum", taps_einsum), ("lax", lax_weight_grad))}
     reference = variants["lax"](x, g)
     errors = {name: float(jnp.max(jnp.abs(fn(x, g).reshape(reference.shape) - reference))
                           / jnp.max(jnp.abs(reference))) for name, fn in variants.items()}
