@@ -104,3 +104,26 @@ def test_backdoor_zoo_jobs_run_in_parallel_clb_after_clean_and_failures_do_not_s
     assert times[("start", "badnets")] < times[("end", "clean")]  # ran alongside
     assert len(failures) == 1 and "blend" in failures[0]
     assert ("end", "clb") in times and len(tables) == 4  # the table is rewritten per model
+
+
+def test_default_run_benchmark_times_a_whole_tiny_run_and_its_parts(tmp_path):
+    import json
+
+    out = tmp_path / "default_run.json"
+    subprocess.run([sys.executable, "experiments/benchmarks/default_run.py", "--width", "4",
+                    "--n-clean", "20", "--outer-epochs", "2", "--test-size", "60", "--quiet",
+                    "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
+                   check=True)
+    run = json.loads(out.read_text())["run"]
+    assert (run["n_clean"], run["eval_size"], run["outer_epochs"]) == (20, 40, 2)
+    assert 0 < run["awm_seconds"] <= run["total_seconds"]
+    assert run["evaluation_and_other_seconds"] >= 0
+    assert set(run["after"]) >= {"acc", "asr", "asr_all", "ra"}
+
+
+def test_default_run_benchmark_rejects_a_test_split_smaller_than_the_clean_draw():
+    done = subprocess.run([sys.executable, "experiments/benchmarks/default_run.py",
+                           "--n-clean", "500", "--test-size", "100"], cwd=REPO_ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "test_size (100) must exceed n_clean (500)" in done.stderr

@@ -77,9 +77,12 @@ def _abstract_case(model_name, batch_size, num_clean, **model_kwargs):
 
 
 def test_auto_splits_the_large_resnet_batch_on_cpu_but_not_the_one_shot_model():
-    """The measured cases: ResNet-18 width 64 at batch 128 (4.94 GB whole; 4 chunks were
-    fastest) and the one-shot small VGG at batch 32 (257 MB; fastest whole)."""
+    """The measured cases (perf_notes.md sections 5 and 6): ResNet-18 width 64 at batch 128
+    (4.94 GB whole; 8 chunks fastest on Zen 5), width 32 (2.5 GB; 4 chunks), and the one-shot
+    small VGG at batch 32 (257 MB; fastest whole on the first machine)."""
     steps, *case = _abstract_case("resnet18", 128, 500, width=64)
+    assert steps.mask_chunks_for(*case) == 8
+    steps, *case = _abstract_case("resnet18", 128, 500, width=32)
     assert steps.mask_chunks_for(*case) == 4
     steps, *case = _abstract_case("small_vgg", 32, 100)
     assert steps.mask_chunks_for(*case) == 1

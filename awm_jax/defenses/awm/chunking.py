@@ -5,8 +5,11 @@ triggered) for the backward pass. On a 2-core CPU with ResNet-18 width 64 and ba
 temporary buffer is 4.94 GB, and allocating it afresh on every call costs 1.3M page faults:
 13.2 s per step, against 9.7-10.2 s when the gradient is summed over 4 chunks of 32 images
 (1.40 GB each); the small VGG's 257 MB buffer is fastest whole (perf_notes.md section 5,
-experiments/results/mask_chunks_epoch.json). The rule here picks the fewest chunks whose
-buffers fit a budget, estimated from the traced program without compiling it.
+experiments/results/mask_chunks_epoch.json). On a second, faster CPU (Zen 5, perf_notes.md
+section 6) smaller chunks paid further: 8 chunks of ~0.6 GB ran that epoch 6% faster than 4,
+and ResNet-18 at widths 16 and 32 (1.0 and 2.5 GB) 1.2-1.7x faster in 4 chunks than whole. The
+rule here picks the fewest chunks whose buffers fit a budget, estimated from the traced program
+without compiling it.
 
 The estimate sums the bytes of every intermediate value in the gradient's jaxpr and scales it
 by :data:`JAXPR_TO_BUFFER`, XLA's measured ratio of temporary buffer to that sum (buffers are
@@ -25,8 +28,10 @@ import numpy as np
 # XLA's temporary buffer over the jaxpr's summed intermediates, rounded up from the conv nets'
 # 0.17-0.23 so that the estimate errs towards more chunks.
 JAXPR_TO_BUFFER = 0.25
-# Per-chunk buffer on CPU: 1.40 GB chunks ran fastest of those measured (K = 4 above).
-CPU_CHUNK_BYTES = 1.5e9
+# Per-chunk buffer on CPU. 0.6 GB chunks ran fastest on the Zen 5 machine (ResNet-18 width 64 in
+# 8, width 32 in 4); below ~0.3 GB the per-chunk overhead can win (the small VGG's 257 MB buffer
+# ran 26% slower in two chunks on the first machine), so one-shot-sized steps stay whole.
+CPU_CHUNK_BYTES = 0.7e9
 # On accelerators, chunking only trades throughput for memory: split only when a chunk would
 # otherwise take more than this fraction of the device's memory.
 ACCELERATOR_MEMORY_FRACTION = 0.25
