@@ -4,7 +4,7 @@ The performance issue's target is "the whole default run, with final metrics": t
 defaults (ResNet-18 at full width, 500 clean images, batch 128, 5 inner passes, 20 outer
 epochs) through :func:`awm_jax.pipeline.purify_model`, which draws the clean images, measures
 ACC/ASR/RA before, runs AWM and measures them after on the rest of the 10,000-image test split.
-This script times each of those parts and their sum (``total_seconds``, from the first jitted
+This script times AWM, the rest, and their sum (``total_seconds``, from the first jitted
 call to the final metrics; building the random model and dataset is excluded). With
 ``--track-epochs`` it also evaluates the test set after every epoch, as the official script
 does and our default does not.
@@ -53,7 +53,8 @@ def random_cifar_like(test_size: int, seed: int = 0) -> ImageDataset:
 def time_default_run(*, width: int, n_clean: int, outer_epochs: int, test_size: int,
                      track_epochs: bool, progress: bool) -> dict:
     """Runs :func:`purify_model` with AWM's defaults (``outer_epochs`` aside) and returns its
-    wall time split into evaluation before, defense, evaluation after."""
+    wall time: in all, AWM's own (its clock excludes per-epoch evaluations), and the rest (the
+    clean draw and the evaluations before, during and after)."""
     if outer_epochs < 1 or n_clean < 1 or width < 1:
         raise ValueError("width, n_clean and outer_epochs must be >= 1; got "
                          f"{width}, {n_clean}, {outer_epochs}.")
