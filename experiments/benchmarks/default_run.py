@@ -26,27 +26,21 @@ import sys
 import time
 
 import jax
-import numpy as np
+from performance import _clean as random_images
 
 from awm_jax.attacks.base import create_attack
 from awm_jax.data.clean_subset import CleanDataConfig
-from awm_jax.data.dataset import ImageDataset, Split
+from awm_jax.data.dataset import ImageDataset
 from awm_jax.defenses.awm import AWMConfig
 from awm_jax.models import create_model, init_variables
 from awm_jax.pipeline import purify_model
 from awm_jax.serialization import library_versions, write_json_atomic
 
 
-def random_cifar_like(test_size: int, seed: int = 0) -> ImageDataset:
-    """A 10-class 32x32x3 dataset of uniform noise with ``test_size`` test images (the train
-    split, which the defense never reads, holds ten)."""
-    rng = np.random.default_rng(seed)
-
-    def split(count):
-        return Split(rng.uniform(0, 1, (count, 32, 32, 3)).astype(np.float32),
-                     (np.arange(count) % 10).astype(np.int32))
-
-    return ImageDataset("random-cifar-like", split(10), split(test_size),
+def random_cifar_like(test_size: int) -> ImageDataset:
+    """A 10-class 32x32x3 dataset of uniform noise (``performance.py``'s random images) with
+    ``test_size`` test images (the train split, which the defense never reads, holds ten)."""
+    return ImageDataset("random-cifar-like", random_images(10, seed=1), random_images(test_size),
                         tuple(f"class{i}" for i in range(10)))
 
 
