@@ -7,7 +7,9 @@
 
 from awm_jax.perf.canonical_conv import canonical_conv_general_dilated
 from awm_jax.perf.conv_impl import CONV_IMPLS, conv_general_dilated_for, with_conv_impl
-from awm_jax.perf.fast_conv import fast_conv_general_dilated, weight_grad_method
+from awm_jax.perf.fast_conv import (fast_conv_general_dilated, input_grad_method,
+                                     phase_input_grad, weight_grad_method)
 
 __all__ = ["CONV_IMPLS", "canonical_conv_general_dilated", "conv_general_dilated_for",
-           "fast_conv_general_dilated", "weight_grad_method", "with_conv_impl"]
+           "fast_conv_general_dilated", "input_grad_method", "phase_input_grad",
+           "weight_grad_method", "with_conv_impl"]

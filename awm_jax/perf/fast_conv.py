@@ -11,8 +11,10 @@ numbers (float32 rounding aside) come out 1-11x faster on almost every shape of 
 registered models and slower on a few mid-sized ones. :func:`fast_conv_general_dilated` gives NHWC/HWIO convs (any stride and explicit or
 string padding, unit dilation, one group) a ``custom_vjp`` whose backward picks the formulation
 per static shape with :func:`weight_grad_method`, a fixed rule derived from the measurements
-in perf_notes.md (no timing at run time). The forward and the input gradient are lax's own: no
-measured alternative beat them. Anything else falls through to ``lax``.
+in perf_notes.md (no timing at run time). The forward is lax's own, and so is the input
+gradient except for large strided convs, whose dilated-conv gradient XLA CPU runs in a slow
+generic loop: :func:`input_grad_method` sends those to :func:`phase_input_grad` (one stride-1
+conv per stride phase). Anything else falls through to ``lax``.
 
 Use it per module, ``nn.Conv(..., conv_general_dilated=fast_conv_general_dilated)``, or through
 the registered models' ``conv_impl="fast"`` (:func:`awm_jax.perf.conv_general_dilated_for`).
@@ -34,6 +36,9 @@ _DIMS = ("NHWC", "HWIO", "NHWC")
 # weight_grad_method's one "lax" region (see its docstring and perf_notes.md section 4).
 _LAX_POSITIONS = (256, 1024)  # output positions per image, [low, high)
 _LAX_MAX_CHANNEL_PRODUCT = 32 * 32  # C_in * C_out at most
+# input_grad_method: the smallest B * H_out * W_out for which the phases replace lax.
+PHASES_MIN_ROWS = 8192
+PHASES_MIN_ROWS_1X1 = 32768
 
 
 def weight_grad_method(w_shape: Sequence[int], out_shape: Sequence[int]) -> str:
@@ -58,6 +63,73 @@ def weight_grad_method(w_shape: Sequence[int], out_shape: Sequence[int]) -> str:
             and cin * cout <= _LAX_MAX_CHANNEL_PRODUCT):
         return "lax"
     return "taps"
+
+
+def input_grad_method(kernel: Sequence[int], strides: Sequence[int], pads,
+                      out_shape: Sequence[int]) -> str:
+    """``"phases"`` or ``"lax"``: how the input gradient of this conv is computed.
+
+    XLA CPU runs a strided conv's input gradient (a convolution over the output gradient
+    dilated by the stride) in Eigen's generic ``convolution-base-dilated`` loop instead of
+    YNNPACK. :func:`phase_input_grad` gives the same numbers from undilated stride-1 convs.
+    Measured on ResNet-18's stride-2 shapes (widths 16 and 64, batches 32-256, Zen 5;
+    perf_notes.md section 7), with ``N = B * H_out * W_out`` output rows: for kernels larger
+    than 1x1 the phases ran 1.09-2.41x faster from ``N = 8192`` up and 0.61-0.97x below, where
+    the dilated conv still fits in cache; for 1x1 kernels (about a millisecond either way but
+    for width 64's stage-2 shortcut at batch 128, 17.5 against 11.9 ms) 0.89-1.68x from
+    ``N = 32768`` up and 0.55-1.27x below. So ``"phases"`` for a stride
+    above 1, non-negative padding and at least :data:`PHASES_MIN_ROWS` (``8192``, or ``32768``
+    for 1x1 kernels) output rows; ``"lax"`` otherwise (stride 1 already takes the fast path).
+
+    Args:
+      kernel: ``(kh, kw)``; strides: ``(sh, sw)``; pads: ``((lo, hi), (lo, hi))``.
+      out_shape: the output (gradient) shape ``[B, H_out, W_out, C_out]``.
+    """
+    rows = out_shape[0] * out_shape[1] * out_shape[2]
+    min_rows = PHASES_MIN_ROWS_1X1 if tuple(kernel) == (1, 1) else PHASES_MIN_ROWS
+    if (any(s > 1 for s in strides) and all(p >= 0 for pair in pads for p in pair)
+            and rows >= min_rows):
+        return "phases"
+    return "lax"
+
+
+def phase_input_grad(g: Array, w: Array, x_shape: Sequence[int], strides: Sequence[int],
+                     pads) -> Array:
+    """The input gradient ``[B, H, W, C_in]`` of a strided conv from ``sh * sw`` stride-1 convs.
+
+    Input row ``p = s*q + r`` of the padded input receives ``g[q - m] @ w[r + s*m]^T`` over
+    ``m``: for each phase ``r`` that is a stride-1 correlation of ``g`` with the sub-kernel
+    ``w[r::s]`` flipped and transposed. The phases are computed separately (together exactly
+    the FLOPs of the dilated conv's non-zero terms), interleaved back into the padded grid and
+    cropped to the unpadded input; a phase no tap reaches (a 1x1 kernel's odd rows) is zero.
+
+    Args:
+      g: the output gradient ``[B, H_out, W_out, C_out]``.
+      w: the kernel ``[kh, kw, C_in, C_out]``.
+      x_shape: the input shape ``[B, H, W, C_in]``.
+      strides: ``(sh, sw)``; pads: ``((lo, hi), (lo, hi))``, all ``>= 0``.
+    """
+    cin = w.shape[2]
+    batch, ho, wo, _ = g.shape
+    (sh, sw), ((top, _), (left, _)) = strides, pads
+    # Phase rows per stride step, enough to cover the padded rows up to the input's last one.
+    qh, qw = -(-(top + x_shape[1]) // sh), -(-(left + x_shape[2]) // sw)
+    phase_rows = []
+    for rh in range(sh):
+        phase_cols = []
+        for rw in range(sw):
+            sub = w[rh::sh, rw::sw]
+            nh, nw = sub.shape[:2]
+            if nh == 0 or nw == 0:
+                phase_cols.append(jnp.zeros((batch, qh, qw, cin), g.dtype))
+                continue
+            kernel = jnp.swapaxes(sub[::-1, ::-1], 2, 3)  # [nh, nw, C_out, C_in]
+            phase_cols.append(lax.conv_general_dilated(
+                g, kernel, (1, 1), ((nh - 1, qh - ho), (nw - 1, qw - wo)),
+                dimension_numbers=_DIMS))
+        phase_rows.append(jnp.stack(phase_cols, axis=3))  # [B, qh, qw, sw, C_in]
+    padded = jnp.stack(phase_rows, axis=2).reshape(batch, qh * sh, qw * sw, cin)
+    return padded[:, top:top + x_shape[1], left:left + x_shape[2]]
 
 
 def _lax_conv(x, w, strides, pads):
@@ -103,7 +175,10 @@ def _conv_fwd(x, w, strides, pads):
 def _conv_bwd(strides, pads, res, g):
     x, w = res
     # Unused halves (dw in a trigger step, dx of the first conv) are removed by XLA's DCE.
-    dx = jax.vjp(lambda a: _lax_conv(a, w, strides, pads), x)[1](g)[0]
+    if input_grad_method(w.shape[:2], strides, pads, g.shape) == "phases":
+        dx = phase_input_grad(g, w, x.shape, strides, pads)
+    else:
+        dx = jax.vjp(lambda a: _lax_conv(a, w, strides, pads), x)[1](g)[0]
     if weight_grad_method(w.shape, g.shape) == "taps":
         dw = tap_weight_grad(x, g, w.shape[:2], strides, pads)
     else:

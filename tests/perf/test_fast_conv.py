@@ -3,6 +3,7 @@ variables; AWM and training accept it."""
 
 import dataclasses
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,8 @@ from jax.test_util import check_grads
 from awm_jax.defenses.awm import AWMConfig, Frozen, make_awm_steps
 from awm_jax.models import create_model, init_variables
 from awm_jax.perf import (CONV_IMPLS, conv_general_dilated_for, fast_conv_general_dilated,
-                          weight_grad_method, with_conv_impl)
+                          input_grad_method, phase_input_grad, weight_grad_method,
+                          with_conv_impl)
 from awm_jax.training.config import TrainConfig
 
 DIMS = ("NHWC", "HWIO", "NHWC")
@@ -43,6 +45,7 @@ def _pair(strides, padding):
     ((3, 3), (2, 2), "SAME", 4, 4, 32),              # lax: stride 2 onto 16x16
     ((3, 3), (1, 1), "VALID", 16, 16, 34),           # taps: 32x32 output
     ((3, 2), (1, 1), ((0, 2), (1, 0)), 3, 5, 7),     # asymmetric kernel and padding
+    ((3, 3), (2, 2), ((-1, 1), (0, 2)), 3, 5, 9),    # negative padding: lax's input gradient
 ])
 def test_values_and_gradients_equal_lax(jit, kernel, strides, padding, cin, cout, size):
     x, w = _inputs(kernel, cin, cout, size)
@@ -83,6 +86,65 @@ def test_both_weight_gradient_branches_are_exercised():
 ])
 def test_rule_table(w_shape, out_shape, method):
     assert weight_grad_method(w_shape, out_shape) == method
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("kernel,strides,padding,size", [
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), 8),          # ResNet's strided 3x3
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), 9),          # odd size: the last row is read by no window
+    ((1, 1), (2, 2), ((0, 0), (0, 0)), 8),          # 1x1 shortcut: three phases are zero
+    ((3, 3), (2, 2), "SAME", 9),
+    ((3, 3), (3, 3), "VALID", 10),                  # stride 3
+    ((5, 5), (2, 2), ((2, 1), (0, 3)), 11),         # asymmetric padding, longer sub-kernels
+    ((4, 2), (3, 2), ((1, 2), (2, 0)), 12),         # unequal kernel sides and strides
+    ((2, 2), (2, 2), "SAME", 7),                    # kernel == stride
+])
+def test_phase_input_grad_equals_lax_vjp(jit, kernel, strides, padding, size):
+    x, w = _inputs(kernel, 3, 5, size)
+    pads = (lax.padtype_to_pads(x.shape[1:3], kernel, strides, padding)
+            if isinstance(padding, str) else padding)
+    conv = lambda a: lax.conv_general_dilated(a, w, strides, pads, dimension_numbers=DIMS)
+    y, vjp = jax.vjp(conv, x)
+    g = jnp.asarray(np.random.default_rng(2).normal(size=y.shape).astype(np.float32))
+    phases = lambda g, w: phase_input_grad(g, w, x.shape, strides, pads)
+    got = (jax.jit(phases) if jit else phases)(g, w)
+    chex.assert_shape(got, x.shape)
+    want = vjp(g)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("kernel,padding,batch", [((3, 3), ((1, 1), (1, 1)), 32),
+                                                  ((1, 1), "VALID", 128)])
+def test_large_strided_conv_takes_the_phases_and_equals_lax(jit, kernel, padding, batch):
+    x, w = _inputs(kernel, 2, 3, 32, batch=batch)  # batch * 16 * 16 output rows
+    ours, ref = _pair((2, 2), padding)
+    pads = lax.padtype_to_pads(x.shape[1:3], kernel, (2, 2), padding) if isinstance(
+        padding, str) else padding
+    assert input_grad_method(kernel, (2, 2), pads, ref(x, w).shape) == "phases"
+    dx_ours = lambda a: jax.grad(lambda b: jnp.sum(ours(b, w) ** 2))(a)
+    dx_ref = lambda a: jax.grad(lambda b: jnp.sum(ref(b, w) ** 2))(a)
+    if jit:
+        dx_ours = jax.jit(dx_ours)
+    want = dx_ref(x)
+    np.testing.assert_allclose(dx_ours(x), want, rtol=1e-5,
+                               atol=1e-5 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("kernel,strides,pads,out_shape,method", [
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), (128, 16, 16, 128), "phases"),  # ResNet stage 2, B 128
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), (128, 8, 8, 256), "phases"),    # 8192 rows: threshold
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), (128, 4, 4, 512), "lax"),       # stage 4: lax
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), (32, 16, 16, 128), "phases"),
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), (32, 8, 8, 256), "lax"),
+    ((1, 1), (2, 2), ((0, 0), (0, 0)), (128, 16, 16, 128), "phases"),  # 1x1 from 32768 rows
+    ((1, 1), (2, 2), ((0, 0), (0, 0)), (128, 8, 8, 256), "lax"),
+    ((3, 1), (1, 2), ((0, 0), (0, 0)), (64, 16, 8, 16), "phases"),
+    ((3, 3), (1, 1), ((1, 1), (1, 1)), (128, 32, 32, 64), "lax"),      # stride 1: fast path
+    ((3, 3), (2, 2), ((-1, 0), (0, 0)), (128, 16, 16, 64), "lax"),     # negative padding
+])
+def test_input_grad_rule(kernel, strides, pads, out_shape, method):
+    assert input_grad_method(kernel, strides, pads, out_shape) == method
 
 
 def test_other_calls_fall_through_to_lax():
