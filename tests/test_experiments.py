@@ -127,3 +127,17 @@ def test_default_run_benchmark_rejects_a_test_split_smaller_than_the_clean_draw(
                           capture_output=True, text=True)
     assert done.returncode == 2
     assert "test_size (100) must exceed n_clean (500)" in done.stderr
+
+
+def test_strided_input_grad_benchmark_covers_resnet18s_strided_convs_and_agrees(tmp_path):
+    import json
+
+    out = tmp_path / "strided.json"
+    subprocess.run([sys.executable, "experiments/benchmarks/strided_input_grad.py", "--width",
+                    "2", "--batch", "2", "--reps", "1", "--out", str(out)], cwd=REPO_ROOT,
+                   capture_output=True, text=True, check=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["h_in"], r["c_in"], r["c_out"], r["kernel"]) for r in rows] == [
+        (32, 2, 4, 3), (32, 2, 4, 1), (16, 4, 8, 3), (16, 4, 8, 1), (8, 8, 16, 3), (8, 8, 16, 1)]
+    assert all(r["relative_error"] < 1e-5 and r["lax_ms"] > 0 and r["phases_ms"] > 0
+               for r in rows)
