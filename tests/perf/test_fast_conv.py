@@ -91,7 +91,8 @@ def test_rule_table(w_shape, out_shape, method):
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("kernel,strides,padding,size", [
     ((3, 3), (2, 2), ((1, 1), (1, 1)), 8),          # ResNet's strided 3x3
-    ((3, 3), (2, 2), ((1, 1), (1, 1)), 9),          # odd size: the last row is read by no window
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), 9),          # odd size
+    ((3, 3), (2, 2), "VALID", 8),                   # the last row is read by no window
     ((1, 1), (2, 2), ((0, 0), (0, 0)), 8),          # 1x1 shortcut: three phases are zero
     ((3, 3), (2, 2), "SAME", 9),
     ((3, 3), (3, 3), "VALID", 10),                  # stride 3
