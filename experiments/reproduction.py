@@ -17,7 +17,9 @@ A finished cell is skipped; one whose settings changed (clean data, model, a def
 reruns what changed; defenses of an interrupted cell resume from their checkpoints in
 ``<workdir>/<table>/<cell>/``; ``--retry-errors`` reruns defenses that raised. After every cell
 ``table.json`` (raw rows, mean/std/min/max over seeds, the command, library versions),
-``table.md`` and ``table.png`` are rewritten for the cells of this command's selection.
+``table.md`` and ``table.png`` are rewritten for the cells of this command's selection;
+``--report-only`` rewrites them from the cell files present without training or running
+anything (cells collected by narrower commands, e.g. one attack at a time, into one table).
 Figure D writes ``<out>/figure_d/sweep_<hparam>.json`` per sweep (a finished one is skipped),
 then ``figure_d.{json,md,png}``; ``--budgets`` takes one of Table A's budgets (default
 one_shot), another than the default writing to ``<out>/figure_d_<budget>/``. The exit status is
@@ -72,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the models and cells and which exist; run nothing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the table (figure) files from the cell (sweep) files "
+                             "present; train and run nothing")
     return parser
 
 
@@ -107,9 +112,12 @@ def selection(argv: list[str] | None = None) -> Selection:
     if config.dataset not in ZOO_DATASETS[config.zoo_size]:
         parser.error(f"the zoo has no {config.dataset!r} at size {config.zoo_size!r}")
     overrides = _overrides(parser, args.override)
+    if args.dry_run and args.report_only:
+        parser.error("--dry-run writes nothing and --report-only writes the tables; pick one")
     common = {"config": config, "seeds": list(dict.fromkeys(args.seeds or config.seeds)),
               "models_dir": _resolve(args.models_dir), "workdir": _resolve(args.workdir),
               "out": _resolve(args.out), "quiet": args.quiet, "dry_run": args.dry_run,
+              "report_only": args.report_only,
               "retry_errors": args.retry_errors,
               "command": shlex.join(["python", "experiments/reproduction.py",
                                      *(sys.argv[1:] if argv is None else argv)])}

@@ -52,6 +52,7 @@ class Selection:
     quiet: bool
     dry_run: bool
     retry_errors: bool
+    report_only: bool
     command: str
 
     @property
@@ -141,6 +142,8 @@ def run_table(sel: Selection, train: TrainFn) -> bool:
     if sel.dry_run:
         _list_cells(sel, cells, wanted)
         return False
+    if sel.report_only:
+        return write_table(sel, cells)
     train(config.dataset, sel.attacks, config.zoo_size, sel.models_dir, sel.table_dir)
     loaded: dict[str, tuple] = {}
     for index, (attack, budget, seed) in enumerate(cells, 1):
@@ -289,6 +292,9 @@ def run_figure(sel: Selection, train: TrainFn) -> bool:
             print(f"[{index}/{len(sel.hparams)}] sweep {hparam} {settings[hparam]['values']} "
                   f"x seeds {sel.seeds}: {state}")
         print(f"out: {sel.table_dir}")
+        return False
+    if sel.report_only:
+        write_figure(sel, awm)
         return False
     train(config.dataset, [attack], config.zoo_size, sel.models_dir, sel.table_dir)
     loaded = None

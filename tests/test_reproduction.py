@@ -6,6 +6,7 @@ models directory and run the smoke size with one-epoch defenses.
 
 import json
 import math
+import shutil
 import sys
 
 import numpy as np
@@ -183,6 +184,31 @@ def test_smoke_table_a_trains_the_model_writes_the_table_and_resumes(smoke_run, 
     assert cell_path.stat().st_mtime_ns == mtime
     out = _run(capsys, *[a if a != "--quiet" else "--dry-run" for a in argv])
     assert "digits_badnets_n50_seed0: done" in out and "badnets: trained" in out
+
+
+def test_report_only_rewrites_the_table_from_cells_without_training(smoke_run, tmp_path,
+                                                                    capsys):
+    root, _, paths = smoke_run
+    out_dir = tmp_path / "out"
+    shutil.copytree(root / "out" / "table_a" / "cells", out_dir / "table_a" / "cells")
+    cells_before = sorted(p.name for p in (out_dir / "table_a" / "cells").iterdir())
+    # blend has no model and no cell: report-only neither trains it nor runs anything.
+    argv = ["table-a", "--size", "smoke", "--attacks", "badnets", "blend", "--defenses", "ft",
+            "awm", "--budgets", "n50", "--seeds", "0", "--quiet", "--report-only",
+            "--models-dir", str(root / "zoo"), "--workdir", str(tmp_path / "work"),
+            "--out", str(out_dir)]
+    out = _run(capsys, *argv)
+    assert "training" not in out and "running" not in out
+    assert not (root / "zoo" / "digits" / "blend").exists() and not (tmp_path / "work").exists()
+    assert sorted(p.name for p in (out_dir / "table_a" / "cells").iterdir()) == cells_before
+    table = json.loads((out_dir / "table_a" / "table.json").read_text())
+    assert table["cells"] == {"expected": 2, "finished": 1}
+    assert [(a["attack"], a["label"], a["acc"]["n"]) for a in table["aggregates"]] == [
+        ("badnets", "none", 1), ("badnets", "ft", 1), ("badnets", "awm", 1)]
+    assert "1 of 2 cells are not finished yet." in (out_dir / "table_a" / "table.md").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        reproduction.main([*argv, "--dry-run"])
+    assert exit_info.value.code == 2 and "pick one" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # ~20 s; the sweep path it drives is covered in tests/sweep
