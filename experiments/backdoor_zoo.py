@@ -20,7 +20,8 @@ small models keep it busier than one); a failed model does not stop the others, 
 exits 1 naming every failure once the rest are done.
 
 Writes ``<out>/results.json`` (one row per model: metrics, targets, command, wall time, the
-training history) and ``<out>/summary.md``.
+training history) and ``<out>/summary.md``; rows already there for models outside this
+command's ``--datasets`` x ``--attacks`` are kept.
 """
 
 from __future__ import annotations
@@ -250,15 +251,15 @@ def main() -> None:
             model_dir = models_dir / name / attack_name
             argv = train_command(name, recipe, attack_name, model_dir, models_dir, source)
             tasks.append((name, attack_name, model_dir, argv, recipe, source))
+    selected = {(task[0], task[1]) for task in tasks}
     if args.dry_run:
         for task in tasks:
             print(shlex.join(task[3]))
         return
     failures = _train_missing(tasks, logs, args.jobs, args.table_only,
                               on_done=lambda rows: _write_table(REPO_ROOT / args.out, rows,
-                                                                args.size))
-    rows = _rows(tasks)
-    _write_table(REPO_ROOT / args.out, rows, args.size)
+                                                                args.size, selected))
+    rows = _write_table(REPO_ROOT / args.out, _rows(tasks), args.size, selected)
     print(_markdown(rows))
     if failures:
         raise SystemExit("some models failed:\n" + "\n".join(f"  {f}" for f in failures))
@@ -299,12 +300,37 @@ def _train_missing(tasks, logs: Path, jobs: int, table_only: bool, on_done) -> l
     return failures
 
 
-def _write_table(out: Path, rows: list[dict], size: str) -> None:
+def _write_table(out: Path, rows: list[dict], size: str,
+                 selected: set[tuple[str, str]]) -> list[dict]:
+    """Writes ``out/results.json`` and ``out/summary.md``; returns the table's rows.
+
+    ``rows`` are the models of this command's ``selected`` ``(dataset, attack)`` pairs; the
+    rows of an earlier table at ``out`` for other pairs are kept, so a command narrowed to a
+    few attacks adds to the table instead of dropping the rest of it.
+    """
+    kept = [row for row in _old_rows(out / "results.json")
+            if (row["dataset"], row["attack"]) not in selected]
+    attack_order = {name: i for i, name in enumerate(ATTACKS)}
+    rows = sorted([*kept, *rows], key=lambda r: (r["dataset"], attack_order.get(r["attack"], 99)))
     write_json_atomic(out / "results.json", {
         "command": shlex.join(["python", "experiments/backdoor_zoo.py", *sys.argv[1:]]),
         "size": size, "acc_target": ACC_TARGET, "asr_target": ASR_TARGET, "rows": rows,
         "versions": library_versions()})
     write_atomic(out / "summary.md", lambda tmp: Path(tmp).write_text(_markdown(rows)))
+    return rows
+
+
+def _old_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    try:
+        rows = json.loads(path.read_text())["rows"]
+        if not all({"dataset", "attack"} <= set(row) for row in rows):
+            raise ValueError("a row without dataset or attack")
+    except (ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"{path} is not a zoo table ({error}); move it away or pick another "
+                         "--out, so its rows are not lost") from None
+    return rows
 
 
 if __name__ == "__main__":

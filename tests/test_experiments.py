@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 
 
@@ -49,8 +51,6 @@ def test_backdoor_zoo_set_overrides_every_recipe_and_shows_in_the_commands():
 
 
 def test_backdoor_zoo_names_a_bad_override():
-    import pytest
-
     zoo = _zoo_module()
     assert zoo.parse_overrides(["epochs=3", "flip=false", "milestones=5,9"]) == {
         "epochs": 3, "flip": False, "milestones": (5, 9)}
@@ -141,3 +141,29 @@ def test_strided_input_grad_benchmark_covers_resnet18s_strided_convs_and_agrees(
         (32, 2, 4, 3), (32, 2, 4, 1), (16, 4, 8, 3), (16, 4, 8, 1), (8, 8, 16, 3), (8, 8, 16, 1)]
     assert all(r["relative_error"] < 1e-5 and r["lax_ms"] > 0 and r["phases_ms"] > 0
                for r in rows)
+
+
+def _zoo_row(dataset, attack, acc):
+    return {"dataset": dataset, "attack": attack, "model": "small_cnn", "model_kwargs": {},
+            "epochs": 1, "acc": acc, "asr": None, "asr_all": None, "ra": None,
+            "poisoned_count": 0, "seconds": 60.0, "acc_target_met": True}
+
+
+def test_backdoor_zoo_table_keeps_rows_of_models_outside_the_command(tmp_path):
+    import json
+
+    zoo = _zoo_module()
+    first = [_zoo_row("gtsrb", "blend", 0.9), _zoo_row("cifar10", "badnets", 0.8)]
+    zoo._write_table(tmp_path, first, "cpu", {("gtsrb", "blend"), ("cifar10", "badnets")})
+    # A command narrowed to cifar10 blend and badnets: badnets is replaced, gtsrb blend kept.
+    rows = zoo._write_table(tmp_path, [_zoo_row("cifar10", "badnets", 0.7),
+                                       _zoo_row("cifar10", "blend", 0.6)], "cpu",
+                            {("cifar10", "badnets"), ("cifar10", "blend")})
+    table = json.loads((tmp_path / "results.json").read_text())
+    assert table["rows"] == rows
+    assert [(r["dataset"], r["attack"], r["acc"]) for r in rows] == [
+        ("cifar10", "badnets", 0.7), ("cifar10", "blend", 0.6), ("gtsrb", "blend", 0.9)]
+    assert (tmp_path / "summary.md").read_text().count("\n| ") == 3
+    (tmp_path / "results.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="results.json is not a zoo table"):
+        zoo._write_table(tmp_path, rows, "cpu", set())
