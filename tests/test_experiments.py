@@ -167,3 +167,37 @@ def test_backdoor_zoo_table_keeps_rows_of_models_outside_the_command(tmp_path):
     (tmp_path / "results.json").write_text("{not json")
     with pytest.raises(SystemExit, match="results.json is not a zoo table"):
         zoo._write_table(tmp_path, rows, "cpu", set())
+
+
+def test_allocator_benchmark_alternates_allocators_and_names_a_missing_library(
+        tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "allocator", REPO_ROOT / "experiments" / "benchmarks" / "allocator.py")
+    allocator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(allocator)
+    with pytest.raises(SystemExit):
+        allocator.main(["--jemalloc", str(tmp_path / "missing.so")])
+    assert "missing.so: no such file" in capsys.readouterr().err
+
+    library = tmp_path / "libjemalloc.so.2"
+    library.write_bytes(b"")
+    calls = []
+
+    def fake_run_epoch(case, epochs, mask_chunks, env):
+        calls.append((mask_chunks, env.get("LD_PRELOAD"), env.get("MALLOC_CONF")))
+        return {"epoch_seconds": 5.0 if "LD_PRELOAD" in env else 6.0}
+
+    monkeypatch.setattr(allocator, "run_epoch", fake_run_epoch)
+    monkeypatch.setenv("LD_PRELOAD", "/some/other.so")  # never leaks into the glibc runs
+    out = tmp_path / "allocator.json"
+    allocator.main(["--jemalloc", str(library), "--mask-chunks", "auto,2", "--rounds", "2",
+                    "--out", str(out)])
+    conf = allocator.NO_PURGING
+    assert calls == [(k, lib, c) for k in ("auto", "2") for _ in range(2)
+                     for lib, c in ((None, None), (str(library), conf))]
+    summary = json.loads(out.read_text())["epoch_seconds"]
+    assert summary["resnet18_full_500 mask_chunks=2"] == {"glibc": [6.0, 6.0],
+                                                          "jemalloc": [5.0, 5.0]}

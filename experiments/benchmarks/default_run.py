@@ -27,6 +27,7 @@ import time
 
 import jax
 from performance import _clean as random_images
+from timing import allocator_env
 
 from awm_jax.attacks.base import create_attack
 from awm_jax.data.clean_subset import CleanDataConfig
@@ -102,7 +103,7 @@ def main(argv=None) -> dict:
         "benchmark": "default_run",
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "backend": jax.default_backend(),
-                    "devices": [str(d) for d in jax.devices()]},
+                    "devices": [str(d) for d in jax.devices()], "allocator": allocator_env()},
         "versions": library_versions(),
         "command": " ".join(["python experiments/benchmarks/default_run.py",
                              *(sys.argv[1:] if argv is None else argv)]),

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from timing import time_interleaved
+from timing import allocator_env, time_interleaved
 
 from awm_jax.data.dataset import Split
 from awm_jax.defenses.awm import AWMConfig, Frozen, make_awm_steps
@@ -338,7 +338,8 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     result = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
-                          "devices": [str(d) for d in jax.devices()]},
+                          "devices": [str(d) for d in jax.devices()],
+                          "allocator": allocator_env()},
               "versions": library_versions(), "command": "python "
               "experiments/benchmarks/performance.py " + " ".join(os.sys.argv[1:])}
     result["ceiling"] = ceiling() if "ceiling" not in skip else {}

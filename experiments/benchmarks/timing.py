@@ -1,5 +1,6 @@
 """The benchmarks' one timing loop: several zero-argument functions, calls interleaved."""
 
+import os
 import statistics
 import time
 
@@ -18,3 +19,11 @@ def time_interleaved(fns: dict, reps: int) -> dict:
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def allocator_env() -> dict:
+    """The environment that picks and tunes the process's malloc (``LD_PRELOAD``, jemalloc's
+    ``MALLOC_CONF``, glibc's ``GLIBC_TUNABLES``), which moves CPU timings by ~10%
+    (perf_notes.md section 8); unset ones are None."""
+    return {name: os.environ.get(name) for name in ("LD_PRELOAD", "MALLOC_CONF",
+                                                     "GLIBC_TUNABLES")}
