@@ -201,3 +201,21 @@ def test_allocator_benchmark_alternates_allocators_and_names_a_missing_library(
     summary = json.loads(out.read_text())["epoch_seconds"]
     assert summary["resnet18_full_500 mask_chunks=2"] == {"glibc": [6.0, 6.0],
                                                           "jemalloc": [5.0, 5.0]}
+
+
+def test_bf16_conv_benchmark_times_every_case_on_tiny_shapes(tmp_path):
+    import json
+
+    out = tmp_path / "bf16.json"
+    subprocess.run([sys.executable, "experiments/benchmarks/bf16_conv.py", "--batch", "2",
+                    "--size", "8", "--channels", "4", "--matmul", "16", "--reps", "1",
+                    "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
+                   check=True)
+    result = json.loads(out.read_text())
+    names = {"conv_f32", "conv_bf16_f32_out", "conv_bf16", "conv_grad_f32", "conv_grad_bf16",
+             "matmul_f32", "matmul_bf16"}
+    assert set(result["ms"]) == names == set(result["gflops"])
+    assert all(value > 0 for value in result["gflops"].values())
+    done = subprocess.run([sys.executable, "experiments/benchmarks/bf16_conv.py", "--reps", "0"],
+                          cwd=REPO_ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "at least 1" in done.stderr
