@@ -204,7 +204,23 @@ def test_allocator_benchmark_alternates_allocators_and_names_a_missing_library(
 
 
 def test_bf16_conv_benchmark_times_every_case_on_tiny_shapes(tmp_path):
+    import importlib.util
     import json
+
+    import jax
+    import numpy as np
+    from jax import lax
+
+    spec = importlib.util.spec_from_file_location(
+        "bf16_conv", REPO_ROOT / "experiments" / "benchmarks" / "bf16_conv.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
+    want = lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    for rebuilt in (bench._tap_dots, bench._im2col_dot):  # the dot forms compute the conv
+        np.testing.assert_allclose(rebuilt(x, w, np.float32), want, rtol=1e-5, atol=1e-5)
 
     out = tmp_path / "bf16.json"
     subprocess.run([sys.executable, "experiments/benchmarks/bf16_conv.py", "--batch", "2",
@@ -212,8 +228,9 @@ def test_bf16_conv_benchmark_times_every_case_on_tiny_shapes(tmp_path):
                     "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
                    check=True)
     result = json.loads(out.read_text())
-    names = {"conv_f32", "conv_bf16_f32_out", "conv_bf16", "conv_grad_f32", "conv_grad_bf16",
-             "matmul_f32", "matmul_bf16"}
+    names = {"conv_f32", "conv_bf16_f32_out", "conv_bf16", "conv_bf16_tap_dots",
+             "conv_bf16_im2col_dot", "conv_grad_f32", "conv_grad_bf16", "matmul_f32",
+             "matmul_bf16"}
     assert set(result["ms"]) == names == set(result["gflops"])
     assert all(value > 0 for value in result["gflops"].values())
     done = subprocess.run([sys.executable, "experiments/benchmarks/bf16_conv.py", "--reps", "0"],

@@ -1,8 +1,9 @@
 """Does bfloat16 speed up XLA CPU's convolutions as it does its matmuls? Interleaved medians.
 
 Times one 3x3 NHWC convolution (forward, and forward+backward for input and kernel) in float32
-and in bfloat16 (operands cast, float32 or bfloat16 output), next to a square matmul in both
-types, and prints JSON (milliseconds and GFLOP/s per case):
+and in bfloat16 (operands cast, float32 or bfloat16 output), the same forward rebuilt from
+bfloat16 dots (nine shifted taps, or one im2col matrix; float32 accumulation), next to a
+square matmul in both types, and prints JSON (milliseconds and GFLOP/s per case):
 
     .venv/bin/python experiments/benchmarks/bf16_conv.py [--batch 128 --size 32 --channels 64]
 """
@@ -32,6 +33,30 @@ def _conv(x, w, out_dtype=None):
                                     preferred_element_type=out_dtype)
 
 
+def _tap_dots(x, w, dtype):
+    """The 3x3 SAME conv as nine ``[B*H*W, C_in] @ [C_in, C_out]`` dots of shifted windows."""
+    batch, height, width, channels = x.shape
+    padded = jnp.pad(x.astype(dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = 0.0
+    for i in range(3):
+        for j in range(3):
+            window = padded[:, i:i + height, j:j + width, :].reshape(-1, channels)
+            out = out + jnp.dot(window, w[i, j].astype(dtype),
+                                preferred_element_type=jnp.float32)
+    return out.reshape(batch, height, width, -1)
+
+
+def _im2col_dot(x, w, dtype):
+    """The 3x3 SAME conv as one ``[B*H*W, 9*C_in] @ [9*C_in, C_out]`` dot."""
+    batch, height, width, channels = x.shape
+    padded = jnp.pad(x.astype(dtype), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    columns = jnp.concatenate([padded[:, i:i + height, j:j + width, :]
+                               for i in range(3) for j in range(3)], axis=-1)
+    out = jnp.dot(columns.reshape(-1, 9 * channels), w.astype(dtype).reshape(9 * channels, -1),
+                  preferred_element_type=jnp.float32)
+    return out.reshape(batch, height, width, -1)
+
+
 def cases(batch: int, size: int, channels: int, matmul: int) -> dict:
     """``{name: (zero-argument function, GFLOP per call)}``."""
     key_x, key_w, key_a = jax.random.split(jax.random.key(0), 3)
@@ -51,6 +76,8 @@ def cases(batch: int, size: int, channels: int, matmul: int) -> dict:
         "conv_bf16_f32_out": jax.jit(lambda x, w: _conv(x.astype(bf16), w.astype(bf16),
                                                         jnp.float32)),
         "conv_bf16": jax.jit(lambda x, w: _conv(x.astype(bf16), w.astype(bf16))),
+        "conv_bf16_tap_dots": jax.jit(lambda x, w: _tap_dots(x, w, bf16)),
+        "conv_bf16_im2col_dot": jax.jit(lambda x, w: _im2col_dot(x, w, bf16)),
         "conv_grad_f32": grad_fn(jnp.float32),
         "conv_grad_bf16": grad_fn(bf16),
     }
