@@ -66,14 +66,19 @@ def test_backdoor_zoo_names_a_bad_override():
     assert done.returncode == 2 and "epochs must be an integer >= 1" in done.stderr
 
 
-def _zoo_module():
+def _script_module(relative_path: str):
+    """Imports a script under experiments/ (not a package) as a module."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("backdoor_zoo",
-                                                  REPO_ROOT / "experiments" / "backdoor_zoo.py")
+    path = REPO_ROOT / "experiments" / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _zoo_module():
+    return _script_module("backdoor_zoo.py")
 
 
 def test_backdoor_zoo_jobs_run_in_parallel_clb_after_clean_and_failures_do_not_stop_others(
@@ -171,13 +176,9 @@ def test_backdoor_zoo_table_keeps_rows_of_models_outside_the_command(tmp_path):
 
 def test_allocator_benchmark_alternates_allocators_and_names_a_missing_library(
         tmp_path, monkeypatch, capsys):
-    import importlib.util
     import json
 
-    spec = importlib.util.spec_from_file_location(
-        "allocator", REPO_ROOT / "experiments" / "benchmarks" / "allocator.py")
-    allocator = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(allocator)
+    allocator = _script_module("benchmarks/allocator.py")
     with pytest.raises(SystemExit):
         allocator.main(["--jemalloc", str(tmp_path / "missing.so")])
     assert "missing.so: no such file" in capsys.readouterr().err
@@ -204,17 +205,13 @@ def test_allocator_benchmark_alternates_allocators_and_names_a_missing_library(
 
 
 def test_bf16_conv_benchmark_times_every_case_on_tiny_shapes(tmp_path):
-    import importlib.util
     import json
 
     import jax
     import numpy as np
     from jax import lax
 
-    spec = importlib.util.spec_from_file_location(
-        "bf16_conv", REPO_ROOT / "experiments" / "benchmarks" / "bf16_conv.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _script_module("benchmarks/bf16_conv.py")
     x = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
     w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4))
     want = lax.conv_general_dilated(x, w, (1, 1), "SAME",
