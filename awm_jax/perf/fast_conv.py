@@ -7,8 +7,9 @@ forward (experiments/results/perf_notes.md, section 4). Written as one matmul pe
     dW[i, j] = sum_{b, h, w} x_pad[b, s*h + i, s*w + j, :]^T  g[b, h, w, :],
 
 i.e. ``kh * kw`` products ``[C_in, N] @ [N, C_out]`` with ``N = B * H_out * W_out``, the same
-numbers (float32 rounding aside) come out 1-11x faster on almost every shape of the
-registered models and slower on a few mid-sized ones. :func:`fast_conv_general_dilated` gives NHWC/HWIO convs (any stride and explicit or
+numbers (float32 rounding aside) come out 2-13x faster for 1x1 kernels and for most strided
+convs, and for stride-1 convs with a lot of work; below that lax's own kernel wins on the
+machine the results come from (its window copies cost more than its dots save). :func:`fast_conv_general_dilated` gives NHWC/HWIO convs (any stride and explicit or
 string padding, unit dilation, one group) a ``custom_vjp`` whose backward picks the formulation
 per static shape with :func:`weight_grad_method`, a fixed rule derived from the measurements
 in perf_notes.md (no timing at run time). The forward is lax's own, and so is the input
@@ -33,34 +34,48 @@ from awm_jax.types import Array
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
-# weight_grad_method's one "lax" region (see its docstring and perf_notes.md section 4).
-_LAX_POSITIONS = (256, 1024)  # output positions per image, [low, high)
-_LAX_MAX_CHANNEL_PRODUCT = 32 * 32  # C_in * C_out at most
+# weight_grad_method's rule (see its docstring and perf_notes.md sections 4 and 10).
+_LAX_POSITIONS = (256, 1024)  # strided: output positions per image, [low, high)
+_LAX_MAX_CHANNEL_PRODUCT = 32 * 32  # strided: C_in * C_out at most
+TAPS_MIN_STRIDE1_WORK = 2 ** 30  # stride 1: B * H_out * W_out * C_in * C_out for the taps
 # input_grad_method: the smallest B * H_out * W_out for which the phases replace lax.
 PHASES_MIN_ROWS = 8192
 PHASES_MIN_ROWS_1X1 = 32768
 
 
-def weight_grad_method(w_shape: Sequence[int], out_shape: Sequence[int]) -> str:
+def weight_grad_method(w_shape: Sequence[int], out_shape: Sequence[int],
+                       strides: Sequence[int] = (1, 1)) -> str:
     """``"taps"`` or ``"lax"``: how the weight gradient of this conv is computed.
 
-    The rule, from interleaved measurements on a 2-core AMD EPYC CPU (perf_notes.md section 4,
-    batches 64-256, every ResNet-18 width-16/64 and small-VGG conv shape): tap matmuls were
-    as fast or faster (1.0-11x) on every shape but one, 16x16 outputs with 32 -> 32 channels
-    (lax 1.55x faster), so
+    The rule, from interleaved measurements on the 2-core Zen 5 CPU that the current results
+    come from (perf_notes.md section 10, ``weight_grad_rule.py``: every conv of ResNet-18 widths
+    16 and 64 at batches 32-256), with ``N = B * H_out * W_out`` output rows:
 
-    * ``"lax"`` for kernels larger than 1x1 with ``256 <= H_out * W_out < 1024`` output
-      positions and ``C_in * C_out <= 1024``;
-    * ``"taps"`` otherwise.
+    * 1x1 kernels: ``"taps"`` (one plain matmul, 2.3-13x faster than lax);
+    * larger kernels at stride 1: ``"taps"`` once ``N * C_in * C_out >= 2**30``
+      (:data:`TAPS_MIN_STRIDE1_WORK`; ResNet-18 width 64 at batch 256: 1.07-2.2x), ``"lax"``
+      below (its YNNPACK weight gradient beat the taps' nine window copies 1.1-3.5x at the
+      chunk sizes AWM's mask step runs, e.g. 32 images of width 64: 27.6 against 54.6 ms);
+    * larger kernels at a stride above 1: ``"taps"`` (0.8-2.0x, mostly faster) except
+      ``256 <= H_out * W_out < 1024`` output positions with ``C_in * C_out <= 1024``, where
+      lax was faster on the first machine (perf_notes.md section 4).
+
+    The first machine (an older 2-core EPYC) favoured the taps at stride 1 too (1.0-4.1x,
+    section 4): the crossing point depends on the CPU's convolution kernels, and this rule
+    follows the machine the published numbers were measured on.
 
     Args:
       w_shape: the kernel shape ``[kh, kw, C_in, C_out]``.
       out_shape: the output (gradient) shape ``[B, H_out, W_out, C_out]``.
+      strides: ``(sh, sw)``.
     """
     kh, kw, cin, cout = w_shape
-    positions = out_shape[1] * out_shape[2]
-    if (kh * kw > 1 and _LAX_POSITIONS[0] <= positions < _LAX_POSITIONS[1]
-            and cin * cout <= _LAX_MAX_CHANNEL_PRODUCT):
+    if kh * kw == 1:
+        return "taps"
+    batch, ho, wo = out_shape[:3]
+    if all(s == 1 for s in strides):
+        return "taps" if batch * ho * wo * cin * cout >= TAPS_MIN_STRIDE1_WORK else "lax"
+    if _LAX_POSITIONS[0] <= ho * wo < _LAX_POSITIONS[1] and cin * cout <= _LAX_MAX_CHANNEL_PRODUCT:
         return "lax"
     return "taps"
 
@@ -179,7 +194,7 @@ def _conv_bwd(strides, pads, res, g):
         dx = phase_input_grad(g, w, x.shape, strides, pads)
     else:
         dx = jax.vjp(lambda a: _lax_conv(a, w, strides, pads), x)[1](g)[0]
-    if weight_grad_method(w.shape, g.shape) == "taps":
+    if weight_grad_method(w.shape, g.shape, strides) == "taps":
         dw = tap_weight_grad(x, g, w.shape[:2], strides, pads)
     else:
         dw = jax.vjp(lambda b: _lax_conv(x, b, strides, pads), w)[1](g)[0]

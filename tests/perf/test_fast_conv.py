@@ -17,6 +17,7 @@ from awm_jax.models import create_model, init_variables
 from awm_jax.perf import (CONV_IMPLS, conv_general_dilated_for, fast_conv_general_dilated,
                           input_grad_method, phase_input_grad, weight_grad_method,
                           with_conv_impl)
+from awm_jax.perf.fast_conv import tap_weight_grad
 from awm_jax.training.config import TrainConfig
 
 DIMS = ("NHWC", "HWIO", "NHWC")
@@ -37,13 +38,13 @@ def _pair(strides, padding):
 
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("kernel,strides,padding,cin,cout,size", [
-    ((3, 3), (1, 1), "SAME", 3, 5, 8),               # taps (small map)
+    ((3, 3), (1, 1), "SAME", 3, 5, 8),               # lax (stride 1, small)
     ((3, 3), (2, 2), "SAME", 4, 6, 9),               # taps, stride 2, odd size
     ((3, 3), (2, 2), ((1, 1), (1, 1)), 8, 16, 8),    # taps, ResNet's explicit padding
     ((1, 1), (2, 2), "VALID", 8, 16, 8),             # taps, 1x1 shortcut
-    ((3, 3), (1, 1), ((1, 1), (1, 1)), 8, 8, 16),    # lax: 16x16 output, 8 -> 8 channels
+    ((3, 3), (1, 1), ((1, 1), (1, 1)), 8, 8, 16),    # lax: stride 1
     ((3, 3), (2, 2), "SAME", 4, 4, 32),              # lax: stride 2 onto 16x16
-    ((3, 3), (1, 1), "VALID", 16, 16, 34),           # taps: 32x32 output
+    ((3, 3), (1, 1), "VALID", 16, 16, 34),           # lax: stride 1, 32x32 output
     ((3, 2), (1, 1), ((0, 2), (1, 0)), 3, 5, 7),     # asymmetric kernel and padding
     ((3, 3), (2, 2), ((-1, 1), (0, 2)), 3, 5, 9),    # negative padding: lax's input gradient
 ])
@@ -69,23 +70,50 @@ def test_check_grads(kernel, strides, padding, size):
 
 
 def test_both_weight_gradient_branches_are_exercised():
+    # The small shapes the value tests above use go to lax at stride 1; the taps take 1x1
+    # kernels, strided convs and large stride-1 ones (test_tap_weight_grad_equals_lax_vjp
+    # checks them at stride 1 on small shapes).
     assert weight_grad_method((3, 3, 8, 8), (2, 16, 16, 8)) == "lax"
-    assert weight_grad_method((3, 3, 4, 4), (2, 16, 16, 4)) == "lax"
+    assert weight_grad_method((3, 3, 4, 4), (2, 16, 16, 4), (2, 2)) == "lax"
+    assert weight_grad_method((1, 1, 4, 8), (2, 8, 8, 8), (2, 2)) == "taps"
+    assert weight_grad_method((3, 3, 4, 8), (2, 8, 8, 8), (2, 2)) == "taps"
 
 
-@pytest.mark.parametrize("w_shape,out_shape,method", [
-    ((3, 3, 64, 64), (256, 32, 32, 64), "taps"),     # ResNet-18 width 64, stage 1
-    ((3, 3, 3, 64), (256, 32, 32, 64), "taps"),      # stem
-    ((3, 3, 128, 128), (256, 16, 16, 128), "taps"),  # width 64, stage 2
-    ((1, 1, 32, 64), (128, 8, 8, 64), "taps"),       # any 1x1
-    ((3, 3, 32, 32), (128, 16, 16, 32), "lax"),      # the one shape lax won
-    ((3, 3, 16, 32), (128, 16, 16, 32), "lax"),
-    ((3, 3, 32, 64), (64, 16, 16, 64), "taps"),
-    ((3, 3, 64, 64), (128, 8, 8, 64), "taps"),
-    ((3, 3, 512, 512), (256, 4, 4, 512), "taps"),
+@pytest.mark.parametrize("w_shape,out_shape,strides,method", [
+    ((3, 3, 64, 64), (256, 32, 32, 64), (1, 1), "taps"),     # width 64, stage 1, unchunked
+    ((3, 3, 64, 64), (32, 32, 32, 64), (1, 1), "lax"),       # the same in 8 chunks
+    ((3, 3, 128, 128), (256, 16, 16, 128), (1, 1), "taps"),  # width 64, stage 2
+    ((3, 3, 128, 128), (64, 16, 16, 128), (1, 1), "lax"),
+    ((3, 3, 512, 512), (256, 4, 4, 512), (1, 1), "taps"),    # exactly 2**30
+    ((3, 3, 3, 64), (256, 32, 32, 64), (1, 1), "lax"),       # stem
+    ((3, 3, 16, 16), (256, 32, 32, 16), (1, 1), "lax"),      # width 16: every stride-1 conv
+    ((1, 1, 32, 64), (128, 8, 8, 64), (2, 2), "taps"),       # any 1x1
+    ((1, 1, 64, 128), (32, 16, 16, 128), (2, 2), "taps"),
+    ((3, 3, 64, 128), (32, 16, 16, 128), (2, 2), "taps"),    # strided 3x3
+    ((3, 3, 16, 32), (128, 16, 16, 32), (2, 2), "lax"),      # the strided lax region
+    ((3, 3, 32, 64), (64, 8, 8, 64), (2, 2), "taps"),
 ])
-def test_rule_table(w_shape, out_shape, method):
-    assert weight_grad_method(w_shape, out_shape) == method
+def test_rule_table(w_shape, out_shape, strides, method):
+    assert weight_grad_method(w_shape, out_shape, strides) == method
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("kernel,strides,padding,size", [
+    ((3, 3), (1, 1), ((1, 1), (1, 1)), 8),
+    ((3, 3), (1, 1), ((0, 0), (0, 0)), 9),
+    ((3, 2), (1, 1), ((0, 2), (1, 0)), 7),
+    ((3, 3), (2, 2), ((1, 1), (1, 1)), 9),
+    ((3, 3), (2, 2), ((-1, 1), (0, 2)), 9),
+])
+def test_tap_weight_grad_equals_lax_vjp(jit, kernel, strides, padding, size):
+    x, w = _inputs(kernel, 5, 7, size, batch=3)
+    conv = lambda b: lax.conv_general_dilated(x, b, strides, padding, dimension_numbers=DIMS)
+    out, vjp = jax.vjp(conv, w)
+    g = jnp.asarray(np.random.default_rng(2).normal(size=out.shape).astype(np.float32))
+    taps = lambda x_, g_: tap_weight_grad(x_, g_, kernel, strides, padding)
+    got = (jax.jit(taps) if jit else taps)(x, g)
+    chex.assert_shape(got, w.shape)
+    np.testing.assert_allclose(got, vjp(g)[0], rtol=1e-5, atol=1e-5 * float(jnp.abs(got).max()))
 
 
 @pytest.mark.parametrize("jit", [False, True])
