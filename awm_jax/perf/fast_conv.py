@@ -38,6 +38,7 @@ _DIMS = ("NHWC", "HWIO", "NHWC")
 _LAX_POSITIONS = (256, 1024)  # strided: output positions per image, [low, high)
 _LAX_MAX_CHANNEL_PRODUCT = 32 * 32  # strided: C_in * C_out at most
 TAPS_MIN_STRIDE1_WORK = 2 ** 30  # stride 1: B * H_out * W_out * C_in * C_out for the taps
+TAPS_MIN_STRIDE1_CHANNELS = 2 ** 18  # stride 1: or C_in * C_out (512 x 512) for the taps
 # input_grad_method: the smallest B * H_out * W_out for which the phases replace lax.
 PHASES_MIN_ROWS = 8192
 PHASES_MIN_ROWS_1X1 = 32768
@@ -53,9 +54,11 @@ def weight_grad_method(w_shape: Sequence[int], out_shape: Sequence[int],
 
     * 1x1 kernels: ``"taps"`` (one plain matmul, 2.3-13x faster than lax);
     * larger kernels at stride 1: ``"taps"`` once ``N * C_in * C_out >= 2**30``
-      (:data:`TAPS_MIN_STRIDE1_WORK`; ResNet-18 width 64 at batch 256: 1.07-2.2x), ``"lax"``
-      below (its YNNPACK weight gradient beat the taps' nine window copies 1.1-3.5x at the
-      chunk sizes AWM's mask step runs, e.g. 32 images of width 64: 27.6 against 54.6 ms);
+      (:data:`TAPS_MIN_STRIDE1_WORK`; ResNet-18 width 64 at batch 256: 1.07-2.2x) or
+      ``C_in * C_out >= 2**18`` (:data:`TAPS_MIN_STRIDE1_CHANNELS`; 512 -> 512 on 4x4 maps,
+      where the window copies are small next to the dots: 1.0-1.6x), ``"lax"`` otherwise (its
+      YNNPACK weight gradient beat the taps' nine window copies 1.1-3.5x at the chunk sizes
+      AWM's mask step runs, e.g. 32 images of width 64: 27.6 against 54.6 ms);
     * larger kernels at a stride above 1: ``"taps"`` (0.8-2.0x, mostly faster) except
       ``256 <= H_out * W_out < 1024`` output positions with ``C_in * C_out <= 1024``, where
       lax was faster on the first machine (perf_notes.md section 4).
@@ -74,7 +77,9 @@ def weight_grad_method(w_shape: Sequence[int], out_shape: Sequence[int],
         return "taps"
     batch, ho, wo = out_shape[:3]
     if all(s == 1 for s in strides):
-        return "taps" if batch * ho * wo * cin * cout >= TAPS_MIN_STRIDE1_WORK else "lax"
+        taps = (batch * ho * wo * cin * cout >= TAPS_MIN_STRIDE1_WORK
+                or cin * cout >= TAPS_MIN_STRIDE1_CHANNELS)
+        return "taps" if taps else "lax"
     if _LAX_POSITIONS[0] <= ho * wo < _LAX_POSITIONS[1] and cin * cout <= _LAX_MAX_CHANNEL_PRODUCT:
         return "lax"
     return "taps"
