@@ -167,6 +167,7 @@ def awm_epoch(case: str, epochs: int, matmul_gflops: float,
     epoch_flops = None
     if trigger_flops and mask_flops:
         epoch_flops = steps_per_phase * (trigger_flops + mask_flops)
+    reference_flops = _reference_epoch_flops(case, mask_chunks)
     result = {
         "model": name, "model_kwargs": kwargs, "n_clean": count, "batch_size": batch,
         "steps_per_phase": steps_per_phase, "mask_chunks": mask_chunks,
@@ -176,14 +177,39 @@ def awm_epoch(case: str, epochs: int, matmul_gflops: float,
         "compile_seconds": round(compile_seconds, 2),
         # images through the network per second, counting both phases' batches.
         "images_per_second": round(2 * steps_per_phase * batch / epoch_seconds, 1),
-        "epoch_gflop": None if epoch_flops is None else round(epoch_flops / 1e9, 1),
+        "epoch_gflop": None if reference_flops is None else round(reference_flops / 1e9, 1),
+        "epoch_gflop_as_compiled": None if epoch_flops is None else round(epoch_flops / 1e9, 1),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
-    if epoch_flops:
-        achieved = epoch_flops / epoch_seconds / 1e9
+    if reference_flops:
+        achieved = reference_flops / epoch_seconds / 1e9
         result["achieved_gflops"] = round(achieved, 1)
         result["fraction_of_matmul_ceiling"] = round(achieved / matmul_gflops, 3)
     return result
+
+
+def _reference_epoch_flops(case: str, mask_chunks: int | str) -> float | None:
+    """One epoch's FLOPs as XLA counts the ``conv_impl="lax"`` steps (uncompiled HLO).
+
+    The count of the compiled ``fast`` steps depends on which weight-gradient formulation the
+    rule picks (the tap matmuls multiply the padding's zeros, lax's convolution skips them:
+    15,481 against 14,948 GFLOP for the ResNet-18 epoch), so the achieved GFLOP/s is reported
+    against this fixed count of the model's own arithmetic instead.
+    """
+    steps, config, hparams, frozen, data, state = build_awm_case(
+        case, conv_impl="lax", mask_chunks=mask_chunks)
+    driver = _Driver(steps, config)
+    key = jax.random.key(1)
+    counts = []
+    for step in (driver.trigger_step, driver.mask_step):
+        try:
+            analysis = step.lower(state, frozen, data, key, hparams).cost_analysis()
+        except Exception:  # cost analysis is backend-specific; report None rather than fail.
+            return None
+        if isinstance(analysis, list):
+            analysis = analysis[0] if analysis else {}
+        counts.append(float((analysis or {}).get("flops", 0.0)))
+    return steps.steps_per_phase * sum(counts) if all(counts) else None
 
 
 def _warm_awm(driver: _Driver, state, frozen, data, hparams):
