@@ -6,15 +6,15 @@ of the jitted trigger step and of the jitted mask step, and reads the trace back
 module's text, to a kind:
 
 * ``conv forward`` / ``conv input-grad`` / ``conv weight-grad``: convolutions, told apart by
-  their ``op_name`` metadata (``transpose(jvp(...))`` marks the backward; a backward conv whose
-  output does not lead with the batch is the weight gradient). The ``fast`` conv's weight gradient
-  is a set of per-tap dots under ``transpose``; they count as ``conv weight-grad``;
+  their output (one that does not lead with the batch is a weight gradient) and ``op_name``
+  metadata (``transpose(jvp(...))`` marks the input gradient). The ``fast`` conv's tap weight
+  gradient is a set of dots under ``transpose``; they count as ``conv weight-grad``;
 * ``dot`` (other matmuls), ``elementwise fusion`` (XLA's fused elementwise/reduction
   kernels, where BatchNorm, ReLU, the mask product and the optimizer live),
   ``copy/transpose`` (layout changes), and ``other``.
 
-Convolutions on XLA CPU (jax 0.12) run inside ``ynn_fusion`` kernels (YNNPACK); a fusion is
-classified by its ``op_name``, which names the conv or matmul it computes.
+Convolutions on XLA CPU (jax 0.12) run inside ``ynn_fusion`` kernels (YNNPACK), some with
+elementwise work fused in; a fusion takes the kind of the convolution or dot in its body.
 
 Prints one JSON object per step kind: milliseconds per call in each kind, their share, and the
 ten most expensive instructions. Timings under load are inflated, but the shares within one
@@ -44,37 +44,71 @@ from performance import AWM_CASES, build_awm_case
 from awm_jax.serialization import library_versions, write_json_atomic
 
 
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+    """``{computation name: its instruction lines}`` of a module's text."""
+    bodies, current = {}, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%([\w.\-]+) .*\{$", line)
+        if header:
+            current = bodies.setdefault(header.group(1), [])
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            current.append(line)
+    return bodies
+
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \w+\[([\d,]*)\]\S* (\w[\w\-]*)\(")
+
+
+def _kind_of(line: str, batch: int) -> str | None:
+    """The kind of one convolution or dot instruction line, else None."""
+    match = _INSTRUCTION.match(line)
+    if not match:
+        return None
+    _, dims, opcode = match.groups()
+    leading = int(dims.split(",")[0]) if dims else None
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    op_name = op_name.group(1) if op_name else ""
+    if opcode == "convolution" or (opcode != "fusion" and "conv_general_dilated" in op_name):
+        # lax's weight gradient inside a YNNPACK fusion carries no op_name; its output never
+        # leads with the batch.
+        if leading != batch:
+            return "conv weight-grad"
+        return "conv input-grad" if "transpose(" in op_name else "conv forward"
+    if opcode == "dot":
+        # The fast conv's weight gradient: per-tap matmuls under the conv's transpose.
+        return "conv weight-grad" if "transpose(" in op_name and leading != batch else "dot"
+    return None
+
+
 def instruction_kinds(hlo_text: str, batch: int) -> dict[str, str]:
     """``{instruction name: kind}`` for the compiled module's text (see the module docstring).
 
     ``batch`` is the leading dimension of the step's activations: a backward conv or matmul
-    whose output does not lead with it is a weight gradient.
+    whose output does not lead with it is a weight gradient. A fusion takes the kind of the
+    convolution or dot inside it (YNNPACK fusions carry the op_name of their root, often an
+    elementwise epilogue such as BatchNorm's multiply), else it is an elementwise fusion.
     """
+    bodies = _computations(hlo_text)
     kinds = {}
     for line in hlo_text.splitlines():
-        match = re.match(r"^\s*(?:ROOT )?%?([\w.\-]+) = \w+\[([\d,]*)\]\S* (\w[\w\-]*)\(", line)
+        match = _INSTRUCTION.match(line)
         if not match:
             continue
-        name, dims, opcode = match.groups()
-        leading = int(dims.split(",")[0]) if dims else None
-        op_name = re.search(r'op_name="([^"]*)"', line)
-        op_name = op_name.group(1) if op_name else ""
+        name, _, opcode = match.groups()
         if opcode in ("parameter", "constant", "get-tuple-element", "tuple", "bitcast"):
             continue
-        if "conv_general_dilated" in op_name or opcode == "convolution":
-            if "transpose(" not in op_name:
-                kind = "conv forward"
-            else:
-                kind = "conv input-grad" if leading == batch else "conv weight-grad"
-        elif "dot_general" in op_name or opcode == "dot":
-            # The fast conv's weight gradient: per-tap matmuls under the conv's transpose.
-            kind = ("conv weight-grad" if "transpose(" in op_name and leading != batch
-                    else "dot")
-        elif opcode in ("copy", "transpose") or "transpose_copy" in name:
+        kind = _kind_of(line, batch)
+        if kind is None and opcode == "fusion":
+            called = re.search(r"calls=%([\w.\-]+)", line)
+            inner = [_kind_of(body_line, batch)
+                     for body_line in bodies.get(called.group(1) if called else "", [])]
+            inner = [k for k in inner if k is not None]
+            kind = inner[0] if inner else "elementwise fusion"
+        elif kind is None and (opcode in ("copy", "transpose") or "transpose_copy" in name):
             kind = "copy/transpose"
-        elif opcode == "fusion":
-            kind = "elementwise fusion"
-        else:
+        elif kind is None:
             kind = "other"
         kinds[name] = kind
     return kinds
