@@ -233,3 +233,47 @@ def test_bf16_conv_benchmark_times_every_case_on_tiny_shapes(tmp_path):
     done = subprocess.run([sys.executable, "experiments/benchmarks/bf16_conv.py", "--reps", "0"],
                           cwd=REPO_ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and "at least 1" in done.stderr
+
+
+_PROFILED_HLO = """\
+%fused_wgrad (param_0: f32[32,32,32,64], param_1: f32[32,32,32,64]) -> f32[64,3,3,64] {
+  %param_0 = f32[32,32,32,64]{3,2,1,0} parameter(0)
+  %param_1 = f32[32,32,32,64]{3,2,1,0} parameter(1)
+  ROOT %convolution.1 = f32[64,3,3,64]{3,2,1,0} convolution(%param_0, %param_1), window={size=32x32 pad=1_1x1_1}, dim_labels=b01f_01io->b01f
+}
+
+%fused_forward (param_0: f32[32,32,32,64], param_1: f32[3,3,64,64]) -> f32[32,32,32,64] {
+  %param_0 = f32[32,32,32,64]{3,2,1,0} parameter(0)
+  %param_1 = f32[3,3,64,64]{3,2,1,0} parameter(1)
+  %convolution.2 = f32[32,32,32,64]{3,2,1,0} convolution(%param_0, %param_1), dim_labels=b01f_01io->b01f, metadata={op_name="jit(mask_step)/jvp(ResNet18)/conv1/conv_general_dilated"}
+  ROOT %multiply.1 = f32[32,32,32,64]{3,2,1,0} multiply(%convolution.2, %convolution.2)
+}
+
+%fused_slice (param_0: f32[32,34,34,64]) -> f32[32768,64] {
+  %param_0 = f32[32,34,34,64]{3,2,1,0} parameter(0)
+  ROOT %slice.1 = f32[32768,64]{1,0} slice(%param_0), slice={[0:32768], [0:64]}
+}
+
+ENTRY %main (x: f32[32,32,32,64], w: f32[3,3,64,64], g: f32[32,32,32,64]) -> f32[64,3,3,64] {
+  %x = f32[32,32,32,64]{3,2,1,0} parameter(0)
+  %ynn_fusion.1 = f32[64,3,3,64]{3,2,1,0} fusion(%x, %x), kind=kCustom, calls=%fused_wgrad, metadata={op_name="jit(mask_step)/transpose(jvp(ResNet18))/bn1/mul"}
+  %ynn_fusion.2 = f32[32,32,32,64]{3,2,1,0} fusion(%x, %w), kind=kCustom, calls=%fused_forward, metadata={op_name="jit(mask_step)/jvp(ResNet18)/bn1/mul"}
+  %convolution.3 = f32[32,32,32,64]{3,2,1,0} convolution(%g, %w), dim_labels=b01f_01io->b01f, metadata={op_name="jit(mask_step)/transpose(jvp(ResNet18))/conv1/conv_general_dilated"}
+  %slice_fusion = f32[32768,64]{1,0} fusion(%x), kind=kLoop, calls=%fused_slice, metadata={op_name="jit(mask_step)/slice"}
+  %dot.1 = f32[64,64]{1,0} dot(%slice_fusion, %slice_fusion), lhs_contracting_dims={0}, rhs_contracting_dims={0}, metadata={op_name="jit(mask_step)/transpose(jvp(ResNet18))/conv2/dot_general"}
+  ROOT %copy.1 = f32[64,3,3,64]{0,3,2,1} copy(%ynn_fusion.1)
+}
+"""
+
+
+def test_profile_classifies_fusions_by_the_convolution_inside(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "experiments" / "benchmarks"))
+    profile = _script_module("benchmarks/profile_awm_step.py")
+    kinds = profile.instruction_kinds(_PROFILED_HLO, batch=32)
+    # A YNNPACK fusion carries its elementwise root's op_name; its convolution decides.
+    assert kinds["ynn_fusion.1"] == "conv weight-grad"
+    assert kinds["ynn_fusion.2"] == "conv forward"
+    assert kinds["convolution.3"] == "conv input-grad"
+    assert kinds["slice_fusion"] == "elementwise fusion"
+    assert kinds["dot.1"] == "conv weight-grad"
+    assert kinds["copy.1"] == "copy/transpose"
