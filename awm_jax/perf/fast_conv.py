@@ -7,9 +7,10 @@ forward (experiments/results/perf_notes.md, section 4). Written as one matmul pe
     dW[i, j] = sum_{b, h, w} x_pad[b, s*h + i, s*w + j, :]^T  g[b, h, w, :],
 
 i.e. ``kh * kw`` products ``[C_in, N] @ [N, C_out]`` with ``N = B * H_out * W_out``, the same
-numbers (float32 rounding aside) come out 2-13x faster for 1x1 kernels and for most strided
-convs, and for stride-1 convs with a lot of work; below that lax's own kernel wins on the
-machine the results come from (its window copies cost more than its dots save). :func:`fast_conv_general_dilated` gives NHWC/HWIO convs (any stride and explicit or
+numbers (float32 rounding aside) come out 2-13x faster for 1x1 kernels, faster for most
+strided convs and for stride-1 convs with a lot of work; below that lax's own kernel wins on
+the machine the results come from (the taps' window copies cost more than their dots save).
+:func:`fast_conv_general_dilated` gives NHWC/HWIO convs (any stride and explicit or
 string padding, unit dilation, one group) a ``custom_vjp`` whose backward picks the formulation
 per static shape with :func:`weight_grad_method`, a fixed rule derived from the measurements
 in perf_notes.md (no timing at run time). The forward is lax's own, and so is the input

@@ -36,7 +36,7 @@ def resnet18_convs(width: int, size: int = 32) -> list[dict]:
     for stage in range(4):
         cout = width * 2 ** stage
         if stage:
-            convs += [dict(h=h, cin=cin, cout=cout, k=3, s=2), dict(h=h, cin=cin, cout=cout, k=1, s=2)]
+            convs += [dict(h=h, cin=cin, cout=cout, k=k, s=2) for k in (3, 1)]
             h //= 2
         convs.append(dict(h=h, cin=cout, cout=cout, k=3, s=1))
         cin = cout
