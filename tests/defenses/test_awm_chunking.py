@@ -20,6 +20,8 @@ def test_choose_chunks_takes_the_fewest_that_fit_the_budget():
     assert choose_chunks(5.4e9, 128, 1.5e9) == 4
     assert choose_chunks(1.5e9, 128, 1.5e9) == 1
     assert choose_chunks(1.6e9, 128, 1.5e9) == 2
+    assert choose_chunks(1.503e9, 128, 0.7e9) == 4  # 3 would fit: powers of two only
+    assert choose_chunks(5.34e9, 128, 0.7e9) == 8
     assert choose_chunks(0, 128, 1.5e9) == 1
     assert choose_chunks(1e15, 6, 1.0) == 6  # at most one image per chunk
     assert choose_chunks(1e15, 128, None) == 1  # no known limit: never split
@@ -77,9 +79,10 @@ def _abstract_case(model_name, batch_size, num_clean, **model_kwargs):
 
 
 def test_auto_splits_the_large_resnet_batch_on_cpu_but_not_the_one_shot_model():
-    """The measured cases (perf_notes.md sections 5 and 6): ResNet-18 width 64 at batch 128
-    (4.94 GB whole; 8 chunks fastest on Zen 5), width 32 (2.5 GB; 4 chunks), and the one-shot
-    small VGG at batch 32 (257 MB; fastest whole on the first machine)."""
+    """The measured cases (perf_notes.md sections 5, 6 and 10): ResNet-18 width 64 at batch 128
+    (4.94 GB whole; 8 chunks fastest on Zen 5), width 32 (2.5 GB; 4 chunks, also with the
+    weight-gradient rule of section 10, where the estimate alone would give 3), and the
+    one-shot small VGG at batch 32 (257 MB; fastest whole on the first machine)."""
     steps, *case = _abstract_case("resnet18", 128, 500, width=64)
     assert steps.mask_chunks_for(*case) == 8
     steps, *case = _abstract_case("resnet18", 128, 500, width=32)
