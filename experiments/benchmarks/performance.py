@@ -104,14 +104,16 @@ def _clean(count: int, seed: int = 0) -> Split:
                  (np.arange(count) % 10).astype(np.int32))
 
 
-def _flops(jitted, *args) -> float | None:
+def _flops(jitted, *args, compile: bool = True) -> float | None:
+    """XLA's FLOP count of ``jitted(*args)``, compiled or (``compile=False``) as lowered."""
     try:
-        analysis = jitted.lower(*args).compile().cost_analysis()
+        lowered = jitted.lower(*args)
+        analysis = (lowered.compile() if compile else lowered).cost_analysis()
     except Exception:  # cost analysis is backend-specific; report None rather than fail.
         return None
     if isinstance(analysis, list):
         analysis = analysis[0] if analysis else {}
-    return float(analysis.get("flops", 0.0)) or None
+    return float((analysis or {}).get("flops", 0.0)) or None
 
 
 class AWMCase(NamedTuple):
@@ -200,15 +202,8 @@ def _reference_epoch_flops(case: str, mask_chunks: int | str) -> float | None:
         case, conv_impl="lax", mask_chunks=mask_chunks)
     driver = _Driver(steps, config)
     key = jax.random.key(1)
-    counts = []
-    for step in (driver.trigger_step, driver.mask_step):
-        try:
-            analysis = step.lower(state, frozen, data, key, hparams).cost_analysis()
-        except Exception:  # cost analysis is backend-specific; report None rather than fail.
-            return None
-        if isinstance(analysis, list):
-            analysis = analysis[0] if analysis else {}
-        counts.append(float((analysis or {}).get("flops", 0.0)))
+    counts = [_flops(step, state, frozen, data, key, hparams, compile=False)
+              for step in (driver.trigger_step, driver.mask_step)]
     return steps.steps_per_phase * sum(counts) if all(counts) else None
 
 

@@ -61,9 +61,10 @@ def _computations(hlo_text: str) -> dict[str, list[str]]:
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \w+\[([\d,]*)\]\S* (\w[\w\-]*)\(")
 
 
-def _kind_of(line: str, batch: int) -> str | None:
-    """The kind of one convolution or dot instruction line, else None."""
-    match = _INSTRUCTION.match(line)
+def _kind_of(line: str, batch: int, match: re.Match | None = None) -> str | None:
+    """The kind of one convolution or dot instruction line (``match``: the line's
+    :data:`_INSTRUCTION` match, if the caller has it), else None."""
+    match = match or _INSTRUCTION.match(line)
     if not match:
         return None
     _, dims, opcode = match.groups()
@@ -99,7 +100,7 @@ def instruction_kinds(hlo_text: str, batch: int) -> dict[str, str]:
         name, _, opcode = match.groups()
         if opcode in ("parameter", "constant", "get-tuple-element", "tuple", "bitcast"):
             continue
-        kind = _kind_of(line, batch)
+        kind = _kind_of(line, batch, match)
         if kind is None and opcode == "fusion":
             called = re.search(r"calls=%([\w.\-]+)", line)
             inner = [_kind_of(body_line, batch)
