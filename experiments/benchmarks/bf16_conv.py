@@ -90,6 +90,10 @@ def cases(batch: int, size: int, channels: int, matmul: int) -> dict:
     return out
 
 
+def _significant(value: float, digits: int = 4) -> float:
+    return float(f"{value:.{digits}g}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
@@ -108,8 +112,9 @@ def main(argv: list[str] | None = None) -> None:
               "versions": library_versions(),
               "command": " ".join(["python experiments/benchmarks/bf16_conv.py",
                                    *(sys.argv[1:] if argv is None else argv)]),
-              "ms": {name: round(1e3 * s, 2) for name, s in seconds.items()},
-              "gflops": {name: round(timed[name][1] / s, 1) for name, s in seconds.items()}}
+              # Significant figures, not decimals: tiny test shapes run at well under 0.1 GFLOP/s.
+              "ms": {name: _significant(1e3 * s) for name, s in seconds.items()},
+              "gflops": {name: _significant(timed[name][1] / s) for name, s in seconds.items()}}
     print(json.dumps(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
