@@ -6,7 +6,7 @@ A model directory holds
   temporary directory and renames it when complete);
 * ``metadata.json``: how to rebuild the model (registry name, keyword arguments, number of
   classes, image shape) plus the caller's provenance (dataset, attack, seed, training config,
-  metrics), library versions and the creation time.
+  metrics), library versions, the machine (:mod:`awm_jax.machine`) and the creation time.
 
 ``metadata.json`` is written last, through a temporary file and ``os.replace``, so it doubles as
 the commit marker: a directory without it is an unfinished save and does not load.
@@ -25,6 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from awm_jax.machine import describe_machine
 from awm_jax.models import create_model, init_variables
 from awm_jax.serialization import as_tuples, json_default, library_versions, write_json_atomic
 from awm_jax.types import Variables
@@ -32,7 +33,8 @@ from awm_jax.types import Variables
 METADATA_FILE = "metadata.json"
 VARIABLES_DIR = "variables"
 FORMAT_VERSION = 1
-_RESERVED_KEYS = ("format_version", "model", "variables_sha256", "versions", "created")
+_RESERVED_KEYS = ("format_version", "model", "variables_sha256", "versions", "machine",
+                  "created")
 
 
 def variables_digest(variables: Variables) -> str:
@@ -98,6 +100,7 @@ def _metadata_record(model_name: str, model_kwargs: Mapping[str, Any], num_class
         "model": {"name": model_name, "kwargs": dict(model_kwargs),
                   "num_classes": int(num_classes), "image_shape": [int(s) for s in image_shape]},
         "versions": library_versions(),
+        "machine": describe_machine(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     try:
@@ -135,7 +138,8 @@ def save_model(directory: str | os.PathLike, model_name: str, model_kwargs: Mapp
       variables: ``{"params", "batch_stats"}`` arrays.
       metadata: provenance to store alongside (dataset, attack, seed, train config, metrics...);
         must be JSON-serialisable and must not use the keys ``format_version``, ``model``,
-        ``variables_sha256``, ``versions`` or ``created``, which this function fills in.
+        ``variables_sha256``, ``versions``, ``machine`` or ``created``, which this function
+        fills in.
       overwrite: replace a model already saved in ``directory``.
 
     Returns:

@@ -31,6 +31,7 @@ from awm_jax.data.dataset import ImageDataset
 from awm_jax.data.sources import load_dataset
 from awm_jax.defenses import DEFENSES, get_defense
 from awm_jax.eval.report import METRIC_NAMES
+from awm_jax.machine import describe_machine
 from awm_jax.pipeline import draw_for_defense
 from awm_jax.plotting import save_figure
 from awm_jax.serialization import library_versions, write_json_atomic
@@ -234,7 +235,8 @@ def write_outputs(report: dict[str, Any], out_dir: str | os.PathLike) -> list[Pa
     """Writes ``compare.json``, ``compare.md`` and ``compare.png`` into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = write_json_atomic(out_dir / JSON_NAME, {**report, "versions": library_versions()})
+    json_path = write_json_atomic(out_dir / JSON_NAME, {**report, "versions": library_versions(),
+                                                         "machine": describe_machine()})
     markdown = out_dir / MARKDOWN_NAME
     markdown.write_text(describe(report) + "\n")
     return [json_path, markdown, plot_scatter(report, out_dir / PLOT_NAME)]

@@ -21,6 +21,7 @@ import reproduction_report as report
 from configs.reproduction import Budget, FigureConfig, TableConfig
 
 from awm_jax.defenses.awm import AWMConfig
+from awm_jax.machine import describe_machine, summarize_machine
 from awm_jax.serialization import (
     json_default,
     library_versions,
@@ -202,7 +203,10 @@ def _run_cell(sel: Selection, loaded: tuple, attack: str, budget: Budget, seed: 
     result = compare_defenses(model, variables, dataset, attack_obj, specs,
                               model_name=metadata["model"]["name"], clean=budget.clean,
                               seed=seed, progress=not sel.quiet, workdir=workdir, resume=True)
-    new_rows = {row["label"]: row for row in result["rows"]}
+    machine = describe_machine()
+    # A cell resumed on another machine mixes rows of both: each row says where it ran.
+    new_rows = {row["label"]: {**row, "machine": summarize_machine(machine)}
+                for row in result["rows"]}
     order = [report.NONE_LABEL, *sel.defenses, *old_rows]
     rows = [new_rows.get(label, old_rows.get(label)) for label in dict.fromkeys(order)]
     return {"table": sel.config.name, "dataset": sel.config.dataset, "attack": attack,
@@ -212,7 +216,7 @@ def _run_cell(sel: Selection, loaded: tuple, attack: str, budget: Budget, seed: 
             "model": result["model"], "model_sha256": metadata.get("variables_sha256"),
             "attack_params": result["attack_params"], "rows": [r for r in rows if r],
             "wall_seconds": (old or {}).get("wall_seconds", 0.0) + time.perf_counter() - start,
-            "command": sel.command, "versions": library_versions()}
+            "command": sel.command, "versions": library_versions(), "machine": machine}
 
 
 def _list_cells(sel: Selection, cells, wanted) -> None:
@@ -308,7 +312,8 @@ def run_figure(sel: Selection, train: TrainFn) -> bool:
         table = _sweep(sel, loaded, hparam, awm, budget, settings[hparam])
         write_json_atomic(paths[hparam], {**table, "settings": settings[hparam],
                                           "model_sha256": _model_sha(model_dir),
-                                          "command": sel.command, "versions": library_versions()})
+                                          "command": sel.command, "versions": library_versions(),
+                                          "machine": describe_machine()})
         print(f"  sweep {hparam}: {table['seconds']:.0f} s", flush=True)
         write_figure(sel, awm)
     write_figure(sel, awm)

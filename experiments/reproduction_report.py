@@ -38,7 +38,8 @@ def summarize(values: Iterable[float | None]) -> dict[str, Any]:
 def raw_rows(cells: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> list[dict[str, Any]]:
     """One flat row per (cell, defense label in ``labels``); a label missing from a cell's
     report gives a row with ``error="missing from the cell"``. ``cell_seconds`` is the whole
-    cell's wall time (every defense, evaluations, the clean draw)."""
+    cell's wall time (every defense, evaluations, the clean draw); ``machine`` where the
+    defense ran (None in cells written before rows recorded it)."""
     rows = []
     for cell in cells:
         by_label = {row["label"]: row for row in cell["rows"]}
@@ -49,7 +50,8 @@ def raw_rows(cells: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> list[
                          "budget": cell["budget"], "seed": cell["seed"], "label": label,
                          "defense": row.get("defense"),
                          **{m: row.get(m) for m in METRICS}, "seconds": row.get("seconds"),
-                         "cell_seconds": cell.get("wall_seconds"), "error": row.get("error")})
+                         "cell_seconds": cell.get("wall_seconds"), "error": row.get("error"),
+                         "machine": row.get("machine")})
     return rows
 
 

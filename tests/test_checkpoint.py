@@ -62,6 +62,7 @@ def test_round_trip_gives_identical_logits(saved):
     assert metadata["versions"] == library_versions()
     assert {"jax", "flax", "optax", "orbax-checkpoint", "numpy", "python"} <= set(
         metadata["versions"])
+    assert metadata["machine"]["backend"] == "cpu" and metadata["machine"]["cpu"]
     assert metadata["created"].endswith("+00:00")
     # The save left no temporary files behind.
     assert sorted(os.listdir(directory)) == [METADATA_FILE, VARIABLES_DIR]

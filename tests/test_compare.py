@@ -83,6 +83,7 @@ def test_compare_uses_one_clean_draw_and_writes_outputs(backdoor, tmp_path):
     assert {k: report["rows"][0][k] for k in single["before"]} == single["before"]
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert [r["label"] for r in saved["rows"]] == ["none", "ft", "awm"]
+    assert saved["machine"]["backend"] == "cpu" and saved["machine"]["cpu_count"] >= 1
     # Each defense's own report details travel with its row (as purify's report.json has them).
     assert saved["rows"][1]["details"] == json.loads(json.dumps(single["details"]))
     table = (tmp_path / "compare.md").read_text()

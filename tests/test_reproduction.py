@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+from awm_jax.machine import summarize_machine
 from tests.conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "experiments"))
@@ -166,12 +167,15 @@ def test_smoke_table_a_trains_the_model_writes_the_table_and_resumes(smoke_run, 
     assert cell["n_clean"] == 50 and cell["clean_data"]["n_clean"] == 50
     assert not any(r["error"] for r in cell["rows"])
     assert cell["rows"][1]["config"]["epochs"] == 1  # the smoke override reached FT
+    assert cell["machine"]["backend"] == "cpu"
+    assert {r["machine"] for r in cell["rows"]} == {summarize_machine(cell["machine"])}
     table = json.loads((root / "out" / "table_a" / "table.json").read_text())
     assert table["command"].startswith("python experiments/reproduction.py table-a --size smoke")
     assert "jax" in table["versions"] and table["cells"] == {"expected": 1, "finished": 1}
     assert [(a["budget"], a["attack"], a["label"], a["acc"]["n"]) for a in table["aggregates"]
             ] == [("n50", "badnets", label, 1) for label in ("none", "ft", "awm")]
     assert len(table["rows"]) == 3
+    assert [r["machine"] for r in table["rows"]] == [r["machine"] for r in cell["rows"]]
     markdown = (root / "out" / "table_a" / "table.md").read_text()
     assert "## n50" in markdown and "| badnets | ft |" in markdown
     assert (root / "out" / "table_a" / "table.png").stat().st_size > 0

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from awm_jax.machine import describe_machine
 from awm_jax.plotting import save_figure
 from awm_jax.serialization import library_versions, write_json_atomic
 
@@ -34,7 +35,8 @@ def validate_report(report: dict[str, Any]) -> None:
 def write_report(path: str | os.PathLike, report: dict[str, Any]) -> Path:
     """Validates and writes a ``report.json``."""
     validate_report(report)
-    return write_json_atomic(path, {**report, "versions": library_versions()})
+    return write_json_atomic(path, {**report, "versions": library_versions(),
+                                    "machine": describe_machine()})
 
 
 def summary_table(rows: dict[str, dict[str, float]], names: Sequence[str] = METRIC_NAMES) -> str:

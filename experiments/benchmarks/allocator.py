@@ -26,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from awm_jax.machine import cpu_name
+
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
 NO_PURGING = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
         summary.setdefault(key, {}).setdefault(run["allocator"], []).append(
             run["epoch_seconds"])
     result = {"benchmark": "allocator",
-              "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()},
+              "machine": {"platform": platform.platform(), "cpu": cpu_name(),
+                          "cpu_count": os.cpu_count()},
               "command": " ".join(["python experiments/benchmarks/allocator.py",
                                    *(sys.argv[1:] if argv is None else argv)]),
               "malloc_conf": args.malloc_conf, "epoch_seconds": summary, "runs": runs}

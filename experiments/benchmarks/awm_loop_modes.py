@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 
@@ -22,6 +20,7 @@ import numpy as np
 from awm_jax.data.dataset import Split
 from awm_jax.defenses.awm import AWMConfig, Frozen, make_awm_steps
 from awm_jax.defenses.awm.runner import _Driver
+from awm_jax.machine import describe_machine
 from awm_jax.serialization import library_versions
 from awm_jax.models import create_model, init_variables
 
@@ -71,9 +70,8 @@ def main() -> None:
         modes = {loop: time_mode(case, loop, args.epochs) for loop in ("python", "scan")}
         modes["scan_over_python"] = round(modes["scan"]["epoch_s"] / modes["python"]["epoch_s"], 2)
         results[case] = modes
-    print(json.dumps({"benchmark": "awm_loop_modes", "machine": {
-        "cpu_count": os.cpu_count(), "platform": platform.platform(),
-        "devices": [str(d) for d in jax.devices()]}, "versions": library_versions(),
+    print(json.dumps({"benchmark": "awm_loop_modes", "machine": describe_machine(),
+                      "versions": library_versions(),
         "results": results}, indent=2))
 
 

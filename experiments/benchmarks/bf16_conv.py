@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from jax import lax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import allocator_env, time_interleaved  # noqa: E402
 
+from awm_jax.machine import describe_machine  # noqa: E402
 from awm_jax.serialization import library_versions  # noqa: E402
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     timed = cases(args.batch, args.size, args.channels, args.matmul)
     seconds = time_interleaved({name: fn for name, (fn, _) in timed.items()}, args.reps)
     result = {"benchmark": "bf16_conv",
-              "machine": {"platform": platform.platform(), "allocator": allocator_env()},
+              "machine": {**describe_machine(), "allocator": allocator_env()},
               "versions": library_versions(),
               "command": " ".join(["python experiments/benchmarks/bf16_conv.py",
                                    *(sys.argv[1:] if argv is None else argv)]),

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import sys
 import time
@@ -33,6 +31,7 @@ from awm_jax.attacks.base import create_attack
 from awm_jax.data.clean_subset import CleanDataConfig
 from awm_jax.data.dataset import ImageDataset
 from awm_jax.defenses.awm import AWMConfig
+from awm_jax.machine import describe_machine
 from awm_jax.models import create_model, init_variables
 from awm_jax.pipeline import purify_model
 from awm_jax.serialization import library_versions, write_json_atomic
@@ -101,9 +100,7 @@ def main(argv=None) -> dict:
         parser.error(str(error))
     result = {
         "benchmark": "default_run",
-        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                    "backend": jax.default_backend(),
-                    "devices": [str(d) for d in jax.devices()], "allocator": allocator_env()},
+        "machine": {**describe_machine(), "allocator": allocator_env()},
         "versions": library_versions(),
         "command": " ".join(["python experiments/benchmarks/default_run.py",
                              *(sys.argv[1:] if argv is None else argv)]),

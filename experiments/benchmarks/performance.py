@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import time
@@ -44,6 +43,7 @@ from timing import allocator_env, time_interleaved
 from awm_jax.data.dataset import Split
 from awm_jax.defenses.awm import AWMConfig, Frozen, make_awm_steps
 from awm_jax.defenses.awm.runner import _Driver, run_awm
+from awm_jax.machine import describe_machine
 from awm_jax.models import create_model, init_variables
 from awm_jax.serialization import library_versions, write_json_atomic
 from awm_jax.sweep.runner import run_sweep
@@ -357,10 +357,7 @@ def main() -> None:
                              "section keeps the command that measured it)")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    result = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                          "cpu_count": os.cpu_count(), "backend": jax.default_backend(),
-                          "devices": [str(d) for d in jax.devices()],
-                          "allocator": allocator_env()},
+    result = {"machine": {**describe_machine(), "allocator": allocator_env()},
               "versions": library_versions(), "command": "python "
               "experiments/benchmarks/performance.py " + " ".join(os.sys.argv[1:])}
     result["ceiling"] = ceiling() if "ceiling" not in skip else {}

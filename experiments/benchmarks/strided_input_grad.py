@@ -17,7 +17,6 @@ JSON summary (``--out`` also writes it).
 
 import argparse
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 from timing import time_interleaved
 
+from awm_jax.machine import describe_machine
 from awm_jax.perf import phase_input_grad
 
 DIMS = ("NHWC", "HWIO", "NHWC")
@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
             print(json.dumps(rows[-1]), flush=True)
     summary = {"command": "python " + " ".join(["experiments/benchmarks/strided_input_grad.py",
                                                 *sys.argv[1:]]),
-               "machine": platform.processor() or platform.machine(),
+               "machine": describe_machine(),
                "jax": jax.__version__, "rows": rows,
                "lax_ms_total": round(sum(r["lax_ms"] for r in rows), 1),
                "phases_ms_total": round(sum(r["phases_ms"] for r in rows), 1)}

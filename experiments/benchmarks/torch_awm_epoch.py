@@ -34,6 +34,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from awm_jax.machine import cpu_name
+
 
 def _resnet18_weights(width: int, num_classes: int, generator: torch.Generator) -> dict:
     def conv(out_ch, in_ch, size):
@@ -164,7 +166,7 @@ def main() -> None:
         start = time.perf_counter()
         epoch()
         seconds.append(time.perf_counter() - start)
-    result = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+    result = {"machine": {"platform": platform.platform(), "cpu": cpu_name(),
                           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
               "versions": {"torch": torch.__version__},
               "command": "python experiments/benchmarks/torch_awm_epoch.py "

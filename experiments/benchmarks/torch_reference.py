@@ -20,13 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
+from awm_jax.machine import describe_machine
 from awm_jax.perf import fast_conv_general_dilated
 from awm_jax.serialization import library_versions, write_json_atomic
 
@@ -115,8 +115,7 @@ def main() -> None:
         import torch
     except ImportError:
         raise SystemExit("torch_reference.py needs torch: pip install -e '.[torch]'") from None
-    result = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                          "cpu_count": os.cpu_count(), "backend": jax.default_backend()},
+    result = {"machine": describe_machine(),
               "versions": {**library_versions(), "torch": torch.__version__},
               "command": "python experiments/benchmarks/torch_reference.py "
                          + " ".join(os.sys.argv[1:]),

@@ -24,6 +24,7 @@ import numpy as np
 from jax import lax
 from timing import allocator_env, time_interleaved
 
+from awm_jax.machine import describe_machine
 from awm_jax.perf.fast_conv import tap_weight_grad, weight_grad_method
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
@@ -92,7 +93,7 @@ def main() -> None:
             "command": "weight_grad_rule.py " + " ".join(
                 f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                 for k, v in vars(args).items() if v is not None),
-            "machine": {"devices": str(jax.devices()), "jax": jax.__version__,
+            "machine": {**describe_machine(), "jax": jax.__version__,
                         "allocator": allocator_env()},
             "rows": rows}, indent=1) + "\n")
 
