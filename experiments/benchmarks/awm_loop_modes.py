@@ -71,8 +71,7 @@ def main() -> None:
         modes["scan_over_python"] = round(modes["scan"]["epoch_s"] / modes["python"]["epoch_s"], 2)
         results[case] = modes
     print(json.dumps({"benchmark": "awm_loop_modes", "machine": describe_machine(),
-                      "versions": library_versions(),
-        "results": results}, indent=2))
+                      "versions": library_versions(), "results": results}, indent=2))
 
 
 if __name__ == "__main__":
