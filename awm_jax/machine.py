@@ -44,6 +44,12 @@ def cpu_name(cpuinfo: str | None = None) -> str:
     return name
 
 
+def describe_host() -> dict[str, Any]:
+    """The host without asking JAX (for scripts that must not start it): ``{"cpu",
+    "cpu_count", "platform"}``."""
+    return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
+
+
 def describe_machine() -> dict[str, Any]:
     """The machine this process runs on, as JSON-ready fields.
 
@@ -55,8 +61,7 @@ def describe_machine() -> dict[str, Any]:
     import jax
 
     devices = jax.devices()
-    return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "backend": jax.default_backend(),
+    return {**describe_host(), "backend": jax.default_backend(),
             "devices": sorted({device.device_kind for device in devices}),
             "device_count": len(devices)}
 

@@ -205,8 +205,8 @@ def _run_cell(sel: Selection, loaded: tuple, attack: str, budget: Budget, seed: 
                               seed=seed, progress=not sel.quiet, workdir=workdir, resume=True)
     machine = describe_machine()
     # A cell resumed on another machine mixes rows of both: each row says where it ran.
-    new_rows = {row["label"]: {**row, "machine": summarize_machine(machine)}
-                for row in result["rows"]}
+    ran_on = summarize_machine(machine)
+    new_rows = {row["label"]: {**row, "machine": ran_on} for row in result["rows"]}
     order = [report.NONE_LABEL, *sel.defenses, *old_rows]
     rows = [new_rows.get(label, old_rows.get(label)) for label in dict.fromkeys(order)]
     return {"table": sel.config.name, "dataset": sel.config.dataset, "attack": attack,

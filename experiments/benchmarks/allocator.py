@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from awm_jax.machine import cpu_name
+from awm_jax.machine import describe_host
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
@@ -77,8 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         summary.setdefault(key, {}).setdefault(run["allocator"], []).append(
             run["epoch_seconds"])
     result = {"benchmark": "allocator",
-              "machine": {"platform": platform.platform(), "cpu": cpu_name(),
-                          "cpu_count": os.cpu_count()},
+              "machine": describe_host(),
               "command": " ".join(["python experiments/benchmarks/allocator.py",
                                    *(sys.argv[1:] if argv is None else argv)]),
               "malloc_conf": args.malloc_conf, "epoch_seconds": summary, "runs": runs}

@@ -27,14 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from awm_jax.machine import cpu_name
+from awm_jax.machine import describe_host
 
 
 def _resnet18_weights(width: int, num_classes: int, generator: torch.Generator) -> dict:
@@ -166,8 +165,7 @@ def main() -> None:
         start = time.perf_counter()
         epoch()
         seconds.append(time.perf_counter() - start)
-    result = {"machine": {"platform": platform.platform(), "cpu": cpu_name(),
-                          "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+    result = {"machine": {**describe_host(), "torch_threads": torch.get_num_threads()},
               "versions": {"torch": torch.__version__},
               "command": "python experiments/benchmarks/torch_awm_epoch.py "
                          + " ".join(os.sys.argv[1:]),
